@@ -1,0 +1,3 @@
+from dreamshard.cli import run
+
+run()

@@ -1,0 +1,200 @@
+"""Load a Stable Diffusion pipeline for generation: local directory or hub id, dtype, device, scheduler,
+attention, LoRA, ControlNet. Every user mistake becomes one `UserError` line.
+
+A personalised LoRA output (from `dreamshard personalize`) is a directory holding
+`pytorch_lora_weights.safetensors` and `dreamshard_lora.json` (`{"base_model": ..., "weights": ...}`):
+pointing `model.path` at it loads the base model and applies the LoRA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from dreamshard.config import ModelConfig
+from dreamshard.errors import UserError
+
+log = logging.getLogger(__name__)
+
+LORA_MANIFEST = "dreamshard_lora.json"
+MODES = ("txt2img", "img2img", "controlnet_seg")
+
+# scheduler name -> (diffusers class name, extra config)
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpm++_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_pipeline(model: ModelConfig, mode: str = "txt2img", device: str | None = None):
+    """The pipeline for `mode`, on its device, ready to call. Raises UserError on bad input."""
+    if mode not in MODES:
+        raise UserError(f"unknown generation mode {mode!r}; choose one of {', '.join(MODES)}")
+    torch_device = resolve_device(device or model.device)
+    dtype = resolve_dtype(model.dtype, torch_device)
+    base_path, lora_path = resolve_model_path(model)
+
+    pipe = _from_pretrained(base_path, model, dtype)
+    if lora_path:
+        _apply_lora(pipe, lora_path, model.lora_scale)
+    if model.scheduler:
+        pipe.scheduler = make_scheduler(model.scheduler, pipe.scheduler.config)
+    _set_attention(pipe, model.attention)
+    pipe = _for_mode(pipe, mode, model, dtype)
+    pipe.to(torch_device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def resolve_model_path(model: ModelConfig) -> tuple[str, str | None]:
+    """(base model path or hub id, LoRA weights path or None), following a personalised LoRA manifest."""
+    path = Path(model.path).expanduser()
+    lora = model.lora
+    manifest = path / LORA_MANIFEST
+    if manifest.is_file():
+        info = json.loads(manifest.read_text())
+        lora = lora or str(path / info.get("weights", "pytorch_lora_weights.safetensors"))
+        base = info["base_model"]
+        return base, lora
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise UserError(
+                f"model path {path} is not a diffusers pipeline directory (no model_index.json); "
+                f"build one with `dreamshard tiny-model {path}` or point model.path at a saved pipeline"
+            )
+        return str(path), lora
+    if _looks_local(model.path):
+        raise UserError(
+            f"model path {model.path} does not exist; build a tiny model with `dreamshard tiny-model {model.path}` "
+            "or set model.path to a pipeline directory or hub id"
+        )
+    return model.path, lora
+
+
+def make_scheduler(name: str, config):
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise UserError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    class_name, extra = SCHEDULERS[name]
+    return getattr(diffusers, class_name).from_config(config, **extra)
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """A content hash of a pipeline directory: every config file in full, plus each weight file's size and
+    its first and last MiB (hashing gigabytes of weights in full would slow every run start)."""
+    root = Path(path)
+    if not root.is_dir():
+        return "hub:" + str(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = file.relative_to(root).as_posix()
+        digest.update(rel.encode())
+        size = file.stat().st_size
+        digest.update(str(size).encode())
+        with file.open("rb") as fh:
+            if file.suffix in (".json", ".txt") or size <= 2 << 20:
+                digest.update(fh.read())
+            else:
+                digest.update(fh.read(1 << 20))
+                fh.seek(-(1 << 20), 2)
+                digest.update(fh.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _looks_local(path: str) -> bool:
+    """A hub id is `name` or `org/name`; anything with ./, ../, ~, a leading / or more parts is a path."""
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
+
+
+def _from_pretrained(path: str, model: ModelConfig, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = dict(dtype=dtype, local_files_only=model.local_files_only, revision=model.revision)
+    if not model.safety_checker:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        return StableDiffusionPipeline.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        where = "in the local Hugging Face cache (model.local_files_only is true)" if model.local_files_only else "on the hub"
+        raise UserError(
+            f"cannot load model {path!r}: not found or incomplete {where} ({_first_line(exc)}); "
+            "download it on a machine with access or point model.path at a local pipeline directory"
+        ) from None
+
+
+def _apply_lora(pipe, lora_path: str, scale: float) -> None:
+    path = Path(lora_path)
+    if not path.exists():
+        raise UserError(f"LoRA weights {lora_path} not found; set model.lora to a .safetensors file or directory")
+    try:
+        if path.is_dir():
+            pipe.load_lora_weights(str(path))
+        else:
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot apply LoRA weights {lora_path}: {_first_line(exc)}") from None
+    # Fusing folds the LoRA into the base weights once, so generation pays nothing per step.
+    pipe.fuse_lora(lora_scale=scale)
+    pipe.unload_lora_weights()
+
+
+def _set_attention(pipe, attention: str) -> None:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    processor = AttnProcessor2_0() if attention == "sdpa" else AttnProcessor()
+    pipe.unet.set_attn_processor(processor)
+    pipe.vae.set_attn_processor(processor)
+
+
+def _for_mode(pipe, mode: str, model: ModelConfig, dtype: torch.dtype):
+    if mode == "txt2img":
+        return pipe
+    if mode == "img2img":
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        return StableDiffusionImg2ImgPipeline(**pipe.components)
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    if not model.controlnet:
+        raise UserError("mode controlnet_seg needs model.controlnet (a ControlNet directory or hub id)")
+    if _looks_local(model.controlnet) and not Path(model.controlnet).expanduser().exists():
+        raise UserError(f"ControlNet {model.controlnet} not found; build one with `dreamshard tiny-model OUT --preset tiny-controlnet`")
+    try:
+        controlnet = ControlNetModel.from_pretrained(model.controlnet, dtype=dtype, local_files_only=model.local_files_only)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load ControlNet {model.controlnet!r}: {_first_line(exc)}") from None
+    components = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
+    return StableDiffusionControlNetPipeline(**components, controlnet=controlnet)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

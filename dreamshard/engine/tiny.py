@@ -1,0 +1,222 @@
+"""Random-weight Stable Diffusion pipelines built locally (no hub): for tests, demos and benchmarks.
+
+Presets:
+- `tiny`: a few hundred thousand parameters; a 64x64 image in a few ms per step on one CPU core.
+- `sd15`: the Stable Diffusion 1.5 architecture (UNet, VAE, CLIP ViT-L/14 text encoder: same shapes,
+  random weights), so benchmarks measure real compute without the real weights.
+- `tiny-controlnet`: a `ControlNetModel` directory that matches the `tiny` UNet (conditioned modes).
+
+The tokenizer is a real `CLIPTokenizer` whose vocabulary is built here: every byte-level character plus
+whole-word tokens (with the merges that form them) for a built-in word list, so common prompt words are
+one token each and prompts stay well under 77 tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+PRESETS = ("tiny", "sd15", "tiny-controlnet")
+
+# Words that get a single token: prompt vocabulary of the published recipes (classes, styles, templates).
+_WORDS = """a an the of in on at with and or photo picture image scene view street city urban road
+driving car cars truck bus train motorcycle bicycle rider person people pedestrian building wall fence
+pole traffic light sign vegetation tree trees terrain sky sidewalk night day dawn dusk sunset sunrise
+morning evening noon rain rainy snow snowy fog foggy cloudy sunny clear overcast storm weather winter
+summer spring autumn fall season time lighting bright dark dim lit highway countryside village downtown
+suburb tunnel bridge intersection lane parking style painting realistic high quality detailed blurry
+low sks zwx dashcam camera from front taken seen germany europe america asia tokyo paris""".split()
+
+
+def build_tiny_model(out: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
+    """Write a complete, loadable pipeline (or ControlNet) directory with random weights."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    out = Path(out)
+    # Build under a temporary sibling and rename at the end, so an interrupted build never leaves a
+    # directory that looks complete (the Makefile checks for model_index.json).
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(seed)
+    if preset == "tiny-controlnet":
+        from diffusers import ControlNetModel
+
+        controlnet = ControlNetModel.from_unet(_unet("tiny"), conditioning_embedding_out_channels=(8, 8, 16, 16))
+        controlnet.save_pretrained(tmp, safe_serialization=True)
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        with tempfile.TemporaryDirectory() as tokenizer_dir:
+            pipe = StableDiffusionPipeline(
+                vae=_vae(preset),
+                text_encoder=_text_encoder(preset),
+                tokenizer=build_tokenizer(tokenizer_dir),
+                unet=_unet(preset),
+                scheduler=_scheduler(),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            pipe.save_pretrained(tmp, safe_serialization=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        out.rmdir()  # only an empty directory gets here (the CLI refuses a non-empty one)
+    tmp.rename(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- components
+
+
+def _unet(preset: str):
+    from diffusers import UNet2DConditionModel
+
+    if preset == "sd15":  # runwayml/stable-diffusion-v1-5 unet/config.json
+        return UNet2DConditionModel(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        )
+    return UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+
+
+def _vae(preset: str):
+    from diffusers import AutoencoderKL
+
+    if preset == "sd15":
+        return AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+    # Four blocks keep SD's 8x downsampling (64x64 image -> 8x8 latent) at tiny width.
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+
+
+def _text_encoder(preset: str):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab_size = len(_vocab())
+    if preset == "sd15":  # openai/clip-vit-large-patch14 text tower
+        config = CLIPTextConfig(
+            vocab_size=max(vocab_size, 49408),
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        )
+    else:
+        config = CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+        )
+    return CLIPTextModel(config)
+
+
+def _scheduler():
+    from diffusers import PNDMScheduler
+
+    # Stable Diffusion 1.5's scheduler config.
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+def build_tokenizer(out: str | Path):
+    """A `CLIPTokenizer` from a locally built vocabulary (see the module docstring)."""
+    from transformers import CLIPTokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _vocab(), _merges()
+    (out / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    return CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=77)
+
+
+def _byte_chars() -> list[str]:
+    """The printable stand-ins GPT-2/CLIP byte-level BPE uses for the 256 byte values."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def _merges() -> list[tuple[str, str]]:
+    """Left-to-right merges that assemble each word of `_WORDS` into one `word</w>` token."""
+    merges: list[tuple[str, str]] = []
+    seen = set()
+    for word in sorted(set(_WORDS)):
+        if len(word) < 2:
+            continue
+        left = word[0]
+        for i, char in enumerate(word[1:], start=1):
+            right = char + "</w>" if i == len(word) - 1 else char
+            if (left, right) not in seen:
+                seen.add((left, right))
+                merges.append((left, right))
+            left = left + right
+    return merges
+
+
+def _vocab() -> dict[str, int]:
+    chars = _byte_chars()
+    tokens = chars + [c + "</w>" for c in chars]
+    for left, right in _merges():
+        tokens.append(left + right)
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab: dict[str, int] = {}
+    for token in tokens:
+        vocab.setdefault(token, len(vocab))
+    return vocab
