@@ -135,7 +135,13 @@ def _looks_local(path: str) -> bool:
 
 
 def _from_pretrained(path: str, model: ModelConfig, dtype: torch.dtype):
+    import diffusers
+    import transformers
     from diffusers import StableDiffusionPipeline
+
+    # Loading bars from every worker process would interleave with the run's own progress display.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
     kwargs = dict(dtype=dtype, local_files_only=model.local_files_only, revision=model.revision)
     if not model.safety_checker:

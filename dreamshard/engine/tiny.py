@@ -125,7 +125,9 @@ def _vae(preset: str):
 def _text_encoder(preset: str):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    vocab_size = len(_vocab())
+    vocab = _vocab()
+    vocab_size = len(vocab)
+    special = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
     if preset == "sd15":  # openai/clip-vit-large-patch14 text tower
         config = CLIPTextConfig(
             vocab_size=max(vocab_size, 49408),
@@ -136,6 +138,7 @@ def _text_encoder(preset: str):
             max_position_embeddings=77,
             hidden_act="quick_gelu",
             projection_dim=768,
+            **special,
         )
     else:
         config = CLIPTextConfig(
@@ -146,6 +149,7 @@ def _text_encoder(preset: str):
             num_attention_heads=4,
             max_position_embeddings=77,
             projection_dim=32,
+            **special,
         )
     return CLIPTextModel(config)
 
