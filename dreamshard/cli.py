@@ -87,6 +87,24 @@ def tiny_model(
     console.print(f"wrote {preset} model to {out}")
 
 
+@app.command("study")
+@user_errors
+def study(
+    config: Path = typer.Argument(..., help="Study config YAML (see configs/study_toy.yaml)."),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to join ('auto', 'ray://host:10001'); default: an embedded local Ray."),
+) -> None:
+    """Dataset-size scaling study: train on nested subsets x seeds (Ray tasks), write study.{parquet,csv,md,png}."""
+    from dreamshard.config import StudyConfig, load_config
+    from dreamshard.trainer.study import run_study
+
+    summary = run_study(load_config(config, StudyConfig, sets), address=address)
+    console.print((summary.out / "study.md").read_text(), highlight=False)
+    console.print(f"study: {len(summary.trained)} run(s) trained, {len(summary.skipped)} already done; results in {summary.out}")
+    if not summary.ok:
+        fail(f"{len(summary.failed)} run(s) failed after retries: {', '.join(sorted(summary.failed))}; re-run to retry them", 1)
+
+
 def run() -> None:  # pragma: no cover - console entry for `python -m dreamshard`
     app(prog_name="dreamshard")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dreamshard.errors import ConfigError
 
@@ -131,20 +131,26 @@ class SamplingConfig(Strict):
 
 
 class OutputConfig(Strict):
-    path: str = "runs/quickstart"  # local directory or fsspec URL (s3://, gs://)
-    samples_per_shard: int = 1000
-    image_format: Literal["jpg", "png", "webp"] = "jpg"
-    quality: int = 95
+    """Where and how shards are written (layout: docs/format.md)."""
+
+    path: str = "runs/quickstart"  # local directory or fsspec URL (s3://, gs://); shared by all nodes
+    samples_per_shard: int = Field(1000, ge=1)  # the last shard may be short
+    image_format: Literal["jpg", "png", "webp"] = "jpg"  # one image field for the whole dataset
+    quality: int = Field(95, ge=1, le=100)  # jpg / webp
 
 
 class RunConfig(Strict):
-    seed: int = 0
-    num_samples: int = 1000
-    batch_size: int = 4
-    workers: int = 2  # CPU actors when no GPU is visible
-    gpus_per_worker: float = 1.0
-    torch_threads: int = 1  # per CPU worker
-    max_shard_retries: int = 3
+    """How many samples, and how the Ray workers generate them."""
+
+    seed: int = 0  # the run seed: with prompts + sampling it fixes every sample's prompt and noise
+    num_samples: int = Field(1000, ge=1)
+    batch_size: int = Field(4, ge=1)  # samples per pipeline call
+    workers: int = Field(2, ge=1)  # CPU actors when no GPU is visible (GPU clusters: one per gpus_per_worker)
+    gpus_per_worker: float = Field(1.0, gt=0)  # fractions put several small-model workers on one GPU
+    torch_threads: int = Field(1, ge=1)  # per CPU worker
+    max_shard_retries: int = Field(3, ge=0)  # re-runs of a shard whose worker died or failed
+    shard_timeout_s: float | None = Field(None, gt=0)  # kill and retry a worker stuck on one shard this long
+    worker_start_timeout_s: float = Field(900.0, gt=0)  # give up if no worker has loaded the model by then
 
 
 class GenerateConfig(Strict):
@@ -154,6 +160,8 @@ class GenerateConfig(Strict):
     sampling: SamplingConfig = SamplingConfig()
     output: OutputConfig = OutputConfig()
     run: RunConfig = RunConfig()
+    source: SourceConfig | None = None  # img2img / controlnet_seg: the labelled source dataset
+    condition: ConditionConfig = ConditionConfig()  # img2img / controlnet_seg: strength, ControlNet scale, palette
 
 
 # ------------------------------------------------------------------------------------- personalize
@@ -210,6 +218,194 @@ class PersonalizeConfig(Strict):
     prior: PriorPreservationConfig = PriorPreservationConfig()
     train: PersonalizeTrainConfig = PersonalizeTrainConfig()
     output: PersonalizeOutputConfig = PersonalizeOutputConfig()
+
+
+# ------------------------------------------------------------------------------------------- train
+# Sections owned by the trainer (`dreamshard train` / `eval`): data, model, method (DACS options), optimiser.
+
+
+class ShardsConfig(Strict):
+    """Engine shards: a run directory (committed shards only), a glob, a brace pattern or http(s)/pipe: URLs."""
+
+    path: str
+    subset: int | None = Field(None, ge=1)  # the first N samples of the run's manifest (scaling studies)
+    resampled: bool = True  # draw shards with replacement: every DDP rank streams forever, no uneven-shard hang
+    shuffle_buffer: int = Field(1000, ge=0)
+
+
+class DomainConfig(Strict):
+    """One domain's images: a labelled folder dataset (`folder`) or engine shards (`shards`), and its resize."""
+
+    folder: SourceConfig | None = None
+    shards: ShardsConfig | None = None
+    resize: tuple[int, int] | None = None  # (width, height) before cropping; None keeps the stored size
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DomainConfig:
+        if (self.folder is None) == (self.shards is None):
+            raise ValueError("give exactly one of 'folder' (a dataset on disk) or 'shards' (engine shards)")
+        return self
+
+
+class TrainDataConfig(Strict):
+    source: DomainConfig | None = None  # labelled source (GTA5, SYNTHIA, ... or shards carrying seg.png)
+    target: DomainConfig | None = None  # pseudo-target: unlabelled for dacs, seg.png for supervised_synthetic
+    val: DomainConfig | None = None  # labelled target evaluation set
+    crop_size: tuple[int, int] = (512, 512)  # (height, width)
+    flip: bool = True
+    cat_max_ratio: float = Field(0.75, gt=0, le=1)  # source crops: re-crop (10 tries) until no class covers more
+    batch_size: int = Field(2, ge=1)  # per rank and domain
+    workers: int = Field(4, ge=0)  # DataLoader workers per domain and rank
+
+
+class TrainModelConfig(Strict):
+    backbone: str = "resnet101"  # any timm model with features_only (resnet*, convnext*, pvt_v2_*)
+    pretrained: str | None = None  # local weights file (.safetensors/.pth) for the backbone; no hub access
+    decoder: Literal["daformer", "segformer"] = "daformer"
+    embed_dim: int = Field(256, ge=8)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    num_classes: int = Field(19, ge=2, le=255)
+    class_names: list[str] = []  # empty: the 19 Cityscapes classes, or class0..N-1
+
+
+class RCSConfig(Strict):
+    """Rare Class Sampling of source images (DAFormer)."""
+
+    enabled: bool = False
+    class_temp: float = Field(0.01, gt=0)
+    min_pixels: int = Field(3000, ge=0)  # a file counts for class c when it has more pixels of c
+    min_crop_ratio: float = Field(0.5, ge=0)  # re-crop until the crop has > min_pixels * ratio pixels of c
+
+
+class FDConfig(Strict):
+    """ImageNet Feature Distance on thing classes (needs `model.pretrained`)."""
+
+    enabled: bool = False
+    weight: float = 0.005
+    thing_classes: list[int] = [6, 7, 11, 12, 13, 14, 15, 16, 17, 18]
+    scale_min_ratio: float = 0.75
+
+
+class MICConfig(Strict):
+    """Masked Image Consistency on the target (MIC)."""
+
+    enabled: bool = False
+    mask_ratio: float = Field(0.7, ge=0, lt=1)
+    block_size: int = Field(32, ge=1)  # 32 for 512 crops, 64 for HRDA's 1024 crops
+    weight: float = 1.0
+
+
+class UDAConfig(Strict):
+    """The DACS step (DAFormer defaults)."""
+
+    alpha: float = Field(0.999, ge=0, le=1)  # EMA teacher: alpha_t = min(1 - 1/(t+1), alpha)
+    pseudo_threshold: float = 0.968
+    pseudo_weight: Literal["threshold_uniform", "threshold", "none"] = "threshold_uniform"
+    ignore_top: int = Field(0, ge=0)  # target rows without pseudo-label weight (DAFormer on Cityscapes: 15)
+    ignore_bottom: int = Field(0, ge=0)  # (DAFormer on Cityscapes: 120)
+    color_jitter_strength: float = Field(0.2, ge=0)
+    color_jitter_p: float = Field(0.8, ge=0, le=1)
+    blur: bool = True
+    rcs: RCSConfig = RCSConfig()
+    fd: FDConfig = FDConfig()
+    mic: MICConfig = MICConfig()
+
+
+class OptimConfig(Strict):
+    """AdamW + linear warmup + poly decay, by iteration (DAFormer)."""
+
+    lr: float = Field(6e-5, gt=0)
+    head_lr_mult: float = 10.0
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_iters: int = Field(1500, ge=0)
+    warmup_ratio: float = 1e-6
+    power: float = 1.0
+    min_lr: float = 0.0
+    grad_accum: int = Field(1, ge=1)
+
+
+class EvalConfig(Strict):
+    mode: Literal["whole", "slide"] = "whole"  # input size: data.val.resize; logits go back to label size
+    crop_size: tuple[int, int] = (512, 512)  # slide: window (height, width)
+    stride: tuple[int, int] = (341, 341)  # slide: step (height, width)
+    batch_size: int = Field(1, ge=1)
+    workers: int = Field(2, ge=0)
+
+
+class TrainConfig(Strict):
+    method: Literal["dacs", "source_only", "supervised_synthetic"] = "dacs"
+    output: str = "runs/train"
+    seed: int = 0
+    max_iters: int = Field(40000, ge=1)
+    log_interval: int = Field(50, ge=1)
+    eval_interval: int = Field(4000, ge=0)  # 0: evaluate only at the end
+    checkpoint_interval: int = Field(4000, ge=0)  # 0: checkpoint only at the end
+    keep_checkpoints: int = Field(2, ge=1)
+    resume: bool = True  # continue from the newest checkpoint in output/checkpoints
+    device: str = "auto"  # auto: the local cuda device if available, else cpu
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on cuda, fp32 on cpu
+    progress: bool = True
+    data: TrainDataConfig = TrainDataConfig()
+    model: TrainModelConfig = TrainModelConfig()
+    uda: UDAConfig = UDAConfig()
+    optim: OptimConfig = OptimConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        data = self.data
+        if self.method == "dacs" and (data.source is None or data.target is None):
+            raise ValueError("method dacs needs data.source (labelled) and data.target (pseudo-target)")
+        if self.method == "source_only" and data.source is None:
+            raise ValueError("method source_only needs data.source")
+        if self.method == "supervised_synthetic" and data.target is None:
+            raise ValueError("method supervised_synthetic needs data.target (shards carrying seg.png)")
+        # Folder datasets holding train ids accept exactly the model's classes unless told otherwise.
+        for domain in (data.source, data.target, data.val):
+            if domain and domain.folder and "num_classes" not in domain.folder.model_fields_set:
+                domain.folder.num_classes = self.model.num_classes
+        return self
+
+
+# ------------------------------------------------------------------------------------------- study
+# `dreamshard study`: nested subsets of a generated run x seeds, each run a Ray task.
+
+
+class StudyDataConfig(Strict):
+    run: str  # the generated run directory whose manifest prefixes are the subsets
+    generate_config: str | None = None  # config to extend it; default: the one recorded in run/dreamshard.json
+    extend: bool = True  # generate missing samples when the largest size exceeds what exists
+
+
+class StudyTrainConfig(Strict):
+    config: str  # the training config every run starts from
+    overrides: list[str] = []  # dotted.key=value settings applied to every run (as --set)
+    baseline: str | None = None  # a source-only training config, trained per seed and drawn as a line
+
+
+class StudyResources(Strict):
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)  # 1 on a GPU cluster: one run per GPU
+
+
+class StudyConfig(Strict):
+    data: StudyDataConfig
+    train: StudyTrainConfig
+    sizes: list[int] | str  # [100, 400, 1600] or log-spaced "100..1600x2"
+    seeds: list[int] = Field([0], min_length=1)
+    fixed: Literal["iterations", "epochs"] = "iterations"  # same compute at every size, or same epochs
+    iterations: int | None = Field(None, ge=1)  # fixed: iterations (default: the training config's max_iters)
+    epochs: float | None = Field(None, gt=0)  # fixed: epochs
+    output: str = "runs/study"
+    resources: StudyResources = StudyResources()
+    max_retries: int = Field(1, ge=0)  # per run, then it is reported as failed
+
+    @model_validator(mode="after")
+    def _epochs_given(self) -> StudyConfig:
+        if self.fixed == "epochs" and self.epochs is None:
+            raise ValueError("fixed: epochs needs 'epochs' (passes over each subset)")
+        return self
 
 
 # ---------------------------------------------------------------------------------------- loading

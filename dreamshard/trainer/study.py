@@ -1,0 +1,350 @@
+"""Dataset-size scaling studies: train on nested prefixes of a generated dataset, several seeds per size,
+each (size, seed) run a Ray task, then one table and one plot of mIoU against the number of images.
+
+A run's result is `runs/<run id>/result.json`, written when its training finishes; a re-run of the study
+skips every run that has one (and a half-finished run resumes from its own training checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dreamshard.config import GenerateConfig, StudyConfig, TrainConfig, apply_overrides, read_yaml, validate
+from dreamshard.errors import UserError
+from dreamshard.logs import console
+
+log = logging.getLogger(__name__)
+
+RESULT = "result.json"
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """One training run of the study: a subset size (None for the baseline) and a seed."""
+
+    size: int | None
+    seed: int
+
+    @property
+    def run_id(self) -> str:
+        return f"baseline-s{self.seed}" if self.size is None else f"n{self.size:09d}-s{self.seed}"
+
+
+@dataclass
+class StudySummary:
+    out: Path
+    rows: list[dict]
+    trained: list[str] = field(default_factory=list)  # run ids trained by this call
+    skipped: list[str] = field(default_factory=list)  # already finished before
+    failed: dict[str, str] = field(default_factory=dict)  # run id -> last error
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def parse_sizes(sizes: list[int] | str) -> list[int]:
+    """`[100, 400]` as given (sorted, unique), or `"start..stop x factor"` log-spaced: `"100..1600x2"` →
+    100, 200, 400, 800, 1600 (stop included when the factor reaches it; rounded to integers)."""
+    if isinstance(sizes, list):
+        values = sorted(set(sizes))
+    else:
+        text = sizes.replace(" ", "").replace("×", "x")
+        try:
+            span, factor_text = text.split("x")
+            start_text, stop_text = span.split("..")
+            start, stop, factor = int(start_text), int(stop_text), float(factor_text)
+        except ValueError:
+            raise UserError(f"study sizes {sizes!r}: expected a list or 'start..stop x factor', e.g. '100..1600x2'") from None
+        if start < 1 or stop < start or factor <= 1:
+            raise UserError(f"study sizes {sizes!r}: need 1 <= start <= stop and factor > 1")
+        values, value = [], float(start)
+        while round(value) <= stop * (1 + 1e-9):
+            values.append(int(round(value)))
+            value *= factor
+        values = sorted(set(values))
+    if not values or values[0] < 1:
+        raise UserError(f"study sizes {sizes!r}: every size must be a positive number of images")
+    return values
+
+
+def run_study(config: StudyConfig, address: str | None = None, show_progress: bool = True) -> StudySummary:
+    """Make sure the dataset is large enough, train every (size, seed) not finished yet as a Ray task,
+    then write study.parquet / .csv / .md / .png into `config.output`."""
+    from dreamshard.engine.run import ray_session
+
+    out = Path(config.output)
+    sizes = parse_sizes(config.sizes)
+    train_config = _train_config(config)
+    runs = [StudyRun(size, seed) for size in sizes for seed in config.seeds]
+    if config.train.baseline:
+        runs += [StudyRun(None, seed) for seed in config.seeds]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study_config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2))
+
+    summary = StudySummary(out=out, rows=[])
+    todo = []
+    for run in runs:
+        (summary.skipped if (out / "runs" / run.run_id / RESULT).is_file() else todo).append(run)
+    with ray_session(address):
+        if todo:
+            ensure_samples(config, max(sizes), address)
+            _train_all(config, train_config, todo, out, summary, show_progress)
+    summary.skipped = [run.run_id for run in summary.skipped]
+    summary.rows = [_read_result(out, run) for run in runs if (out / "runs" / run.run_id / RESULT).is_file()]
+    write_results(out, summary.rows)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- dataset
+
+
+def available_samples(run_dir: str) -> int:
+    """Samples in the committed prefix of a generated run (shards 0..k-1 all committed and full)."""
+    from dreamshard.engine.manifest import committed_shards, read_run_record
+    from dreamshard.engine.writer import Store
+
+    store = Store(run_dir)
+    record = read_run_record(store)
+    if record is None:
+        return 0
+    committed = committed_shards(store, record["samples_per_shard"])
+    total, shard = 0, 0
+    while shard in committed:
+        total += committed[shard]["count"]
+        shard += 1
+    return total
+
+
+def ensure_samples(config: StudyConfig, needed: int, address: str | None) -> None:
+    """Extend the generated dataset with the engine (same plan, only new shards) when the largest subset
+    needs more samples than it has, or refuse when `data.extend` is false."""
+    from dreamshard.engine.run import generate
+
+    have = available_samples(config.data.run)
+    if have >= needed:
+        return
+    if not config.data.extend:
+        raise UserError(
+            f"the largest study size ({needed}) exceeds the {have} samples in {config.data.run}; "
+            "lower the sizes, or set data.extend: true to generate the missing samples"
+        )
+    gen_config = _generate_config(config)
+    log.info("extending %s from %d to %d samples", config.data.run, have, needed)
+    result = generate(gen_config, out=config.data.run, num_samples=needed, address=address)
+    if not result.ok:
+        raise UserError(f"extending {config.data.run} failed for shards {sorted(result.failed_shards)}; re-run the study to retry")
+
+
+def _generate_config(config: StudyConfig) -> GenerateConfig:
+    """The generation config: the one given, else the one recorded in the run's dreamshard.json."""
+    if config.data.generate_config:
+        return validate(GenerateConfig, read_yaml(config.data.generate_config), config.data.generate_config)
+    record_path = Path(config.data.run) / "dreamshard.json"
+    if not record_path.is_file():
+        raise UserError(f"{config.data.run} is not a generated run (no dreamshard.json); set data.generate_config to generate it")
+    return validate(GenerateConfig, json.loads(record_path.read_text())["config"], str(record_path))
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def _train_config(config: StudyConfig) -> dict:
+    """The training config every run starts from (file + study overrides), validated once up front."""
+    data = apply_overrides(read_yaml(config.train.config), config.train.overrides)
+    validate(TrainConfig, data, config.train.config)
+    return data
+
+
+def run_train_config(config: StudyConfig, base: dict, run: StudyRun, out: Path) -> TrainConfig:
+    """The full training config of one run: its subset, seed, iterations and output directory."""
+    if run.size is None:
+        data = apply_overrides(read_yaml(config.train.baseline), config.train.overrides)
+    else:
+        data = json.loads(json.dumps(base))  # deep copy
+        data = apply_overrides(data, [f"data.target.shards.path={config.data.run}", f"data.target.shards.subset={run.size}"])
+    settings = [f"seed={run.seed}", f"output={out / 'runs' / run.run_id / 'train'}"]
+    iterations = _iterations(config, data, run.size)
+    if iterations:
+        settings.append(f"max_iters={iterations}")
+    data = apply_overrides(data, settings)
+    return validate(TrainConfig, data, config.train.baseline if run.size is None else config.train.config)
+
+
+def _iterations(config: StudyConfig, train_data: dict, size: int | None) -> int | None:
+    """fixed: iterations → the same number for every size; fixed: epochs → epochs over the subset."""
+    if config.fixed == "iterations" or size is None:
+        return config.iterations
+    batch = TrainConfig.model_validate(train_data).data.batch_size
+    return max(1, math.ceil(config.epochs * size / batch))
+
+
+def _train_all(config: StudyConfig, base: dict, todo: list[StudyRun], out: Path, summary: StudySummary, show_progress: bool) -> None:
+    import ray
+
+    resources = {"num_cpus": config.resources.num_cpus, "num_gpus": config.resources.num_gpus}
+    task = ray.remote(max_retries=config.max_retries, retry_exceptions=True, **resources)(train_one)
+    pending = {}
+    for run in todo:
+        train_config = run_train_config(config, base, run, out)
+        ref = task.remote(train_config.model_dump(mode="json"), str(out / "runs" / run.run_id / RESULT), run.size, run.seed)
+        pending[ref] = run
+    total, best = len(todo), None
+    with _progress(show_progress, total) as progress:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            for ref in ready:
+                run = pending.pop(ref)
+                try:
+                    row = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - a failed run is reported, the others go on
+                    summary.failed[run.run_id] = _first_line(exc)
+                    log.error("study run %s failed after %d retries: %s", run.run_id, config.max_retries, summary.failed[run.run_id])
+                else:
+                    summary.trained.append(run.run_id)
+                    if run.size is not None and row["miou"] is not None and (best is None or row["miou"] > best[1]):
+                        best = (run.run_id, row["miou"])
+                progress(total - len(pending), best)
+
+
+def train_one(train_config: dict, result_path: str, size: int | None, seed: int) -> dict:
+    """One study run (a Ray task): train, evaluate, write result.json last (atomic rename)."""
+    from dreamshard.trainer.loop import train
+
+    config = TrainConfig.model_validate(train_config)
+    started = time.perf_counter()
+    result = train(config)
+    row = {
+        "size": size,
+        "seed": seed,
+        "miou": result["mIoU"],
+        "per_class_iou": {name: value["iou"] for name, value in result["per_class"].items()},
+        "wall_seconds": time.perf_counter() - started,
+        "images_per_s": result.get("images_per_s"),
+        "iterations": config.max_iters,
+    }
+    tmp = f"{result_path}.tmp"
+    Path(tmp).write_text(json.dumps(row, indent=2))
+    os.replace(tmp, result_path)
+    return row
+
+
+def _read_result(out: Path, run: StudyRun) -> dict:
+    row = json.loads((out / "runs" / run.run_id / RESULT).read_text())
+    row["run_id"] = run.run_id
+    return row
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+
+def write_results(out: Path, rows: list[dict]) -> None:
+    """study.parquet + study.csv (one row per run), study.md (mean ± std per size), study.png."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    flat = [_flat_row(row) for row in sorted(rows, key=lambda r: (r["size"] is None, r["size"] or 0, r["seed"]))]
+    table = pa.Table.from_pylist(flat)
+    pq.write_table(table, out / "study.parquet")
+    pacsv.write_csv(table, out / "study.csv")
+    (out / "study.md").write_text(markdown_table(rows))
+    plot(rows, out / "study.png")
+
+
+def _flat_row(row: dict) -> dict:
+    flat = {key: row.get(key) for key in ("run_id", "size", "seed", "miou", "wall_seconds", "images_per_s", "iterations")}
+    flat.update({f"iou_{name}": value for name, value in row["per_class_iou"].items()})
+    return flat
+
+
+def by_size(rows: list[dict]) -> dict[int, list[float]]:
+    groups: dict[int, list[float]] = {}
+    for row in rows:
+        if row["size"] is not None and row["miou"] is not None:
+            groups.setdefault(row["size"], []).append(row["miou"])
+    return dict(sorted(groups.items()))
+
+
+def baseline(rows: list[dict]) -> list[float]:
+    return [row["miou"] for row in rows if row["size"] is None and row["miou"] is not None]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| images | runs | mIoU mean | mIoU std |", "| ---: | ---: | ---: | ---: |"]
+    for size, values in by_size(rows).items():
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        lines.append(f"| {size} | {len(values)} | {100 * statistics.mean(values):.2f} | {100 * std:.2f} |")
+    if baseline(rows):
+        values = baseline(rows)
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        lines.append(f"| baseline (source only) | {len(values)} | {100 * statistics.mean(values):.2f} | {100 * std:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = by_size(rows)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    if groups:
+        sizes = list(groups)
+        means = [100 * statistics.mean(v) for v in groups.values()]
+        lows = [100 * min(v) for v in groups.values()]
+        highs = [100 * max(v) for v in groups.values()]
+        ax.fill_between(sizes, lows, highs, alpha=0.25, label="min–max over seeds")
+        ax.plot(sizes, means, marker="o", label="mean mIoU")
+        for size, values in groups.items():
+            ax.scatter([size] * len(values), [100 * v for v in values], s=10, color="black", alpha=0.6)
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(size) for size in sizes])  # the studied sizes, not powers of ten
+        ax.minorticks_off()
+    if baseline(rows):
+        ax.axhline(100 * statistics.mean(baseline(rows)), linestyle="--", color="gray", label="source only")
+    ax.set_xlabel("generated images used (log scale)")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title("mIoU vs number of generated images")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+class _progress:
+    """Runs done / total and the best mIoU so far, one line per finished run (or a live bar)."""
+
+    def __init__(self, show: bool, total: int) -> None:
+        self.show, self.total, self.started = show, total, time.perf_counter()
+
+    def __enter__(self):
+        if self.show:
+            console.print(f"study: {self.total} run(s) to train")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def __call__(self, done: int, best: tuple[str, float] | None) -> None:
+        if self.show:
+            best_text = f", best so far {best[0]} mIoU {100 * best[1]:.2f}" if best else ""
+            console.print(f"study: {done}/{self.total} runs done ({time.perf_counter() - self.started:.0f} s){best_text}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1][:300] if text else type(exc).__name__
