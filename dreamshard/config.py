@@ -124,10 +124,10 @@ class PromptsConfig(Strict):
 class SamplingConfig(Strict):
     """How each sample is drawn: size, steps and guidance (a fixed value or a [low, high] range per sample)."""
 
-    width: int = 512
+    width: int = 512  # multiples of 8
     height: int = 512
-    steps: int | tuple[int, int] = 50
-    guidance_scale: float | tuple[float, float] = 7.5
+    steps: int | tuple[int, int] = 50  # [low, high]: an integer drawn per sample, both ends included
+    guidance_scale: float | tuple[float, float] = 7.5  # [low, high]: drawn per sample, rounded to 0.001
 
 
 class OutputConfig(Strict):
