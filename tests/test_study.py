@@ -48,3 +48,101 @@ def test_write_results_writes_four_files(tmp_path):
     assert pacsv.read_csv(tmp_path / "study.csv").num_rows == 5
     assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "mIoU mean" in (tmp_path / "study.md").read_text()
+
+
+# ------------------------------------------------------------------------------ end to end (local Ray)
+
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+
+from dreamshard.config import GenerateConfig, StudyConfig, load_config  # noqa: E402
+from dreamshard.trainer.study import available_samples, run_study  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from dreamshard.trainer.toy import make_toy
+
+    return make_toy(tmp_path_factory.mktemp("toy"), num_source=24, num_target=16, num_val=8, samples_per_shard=8)
+
+
+def train_yaml(tmp_path, toy, method="dacs"):
+    """The toy training config, pointed at this test's data, shrunk to seconds."""
+    data = yaml.safe_load((REPO / f"configs/toy_{method}.yaml").read_text())
+    data["data"]["source"]["folder"]["root"] = str(toy["source"])
+    data["data"]["val"]["folder"]["root"] = str(toy["target_val"])
+    if "target" in data["data"]:
+        data["data"]["target"]["shards"]["path"] = str(toy["target"])
+    data["data"]["batch_size"] = 2
+    data["progress"] = False
+    path = tmp_path / f"train_{method}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def study_config(tmp_path, train_config, run, sizes, **extra) -> StudyConfig:
+    data = {"data": {"run": str(run), **extra.pop("data", {})}, "train": {"config": str(train_config), **extra.pop("train", {})},
+            "sizes": sizes, "seeds": [0, 1], "iterations": 2, "output": str(tmp_path / "study"), **extra}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_config(path, StudyConfig)
+
+
+def result_stamps(out: Path) -> dict[str, int]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/result.json")}
+
+
+@pytest.mark.slow
+def test_study_runs_every_size_and_seed_once_and_resumes(tmp_path, toy, ray_cluster):
+    config = study_config(tmp_path, train_yaml(tmp_path, toy), toy["target"], [4, 8, 16],
+                          train={"baseline": str(train_yaml(tmp_path, toy, "source_only"))})
+    first = run_study(config, show_progress=False)
+    assert first.ok, first.failed
+    assert len(first.trained) == 8  # 3 sizes x 2 seeds + baseline x 2 seeds
+    out = Path(config.output)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / "study.parquet").to_pylist()
+    assert sorted((r["size"], r["seed"]) for r in table if r["size"]) == [(s, k) for s in (4, 8, 16) for k in (0, 1)]
+    assert all(0 <= r["miou"] <= 1 for r in table)
+    assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 16 | 2 |" in (out / "study.md").read_text() and "baseline" in (out / "study.md").read_text()
+    assert len((out / "study.csv").read_text().strip().splitlines()) == 1 + 8
+    # each run trained on its own exact subset with its own seed
+    run_config = yaml.safe_load((out / "runs" / "n000000008-s1" / "train" / "config.yaml").read_text())
+    assert run_config["data"]["target"]["shards"]["subset"] == 8 and run_config["seed"] == 1
+
+    stamps = result_stamps(out)
+    again = run_study(config, show_progress=False)
+    assert again.trained == [] and len(again.skipped) == 8
+    assert result_stamps(out) == stamps  # nothing retrained
+
+
+def test_study_refuses_sizes_beyond_the_data_when_extend_is_off(tmp_path, toy):
+    config = study_config(tmp_path, train_yaml(tmp_path, toy), toy["target"], [8, 32], data={"extend": False})
+    with pytest.raises(UserError, match="exceeds the 16 samples"):
+        run_study(config, show_progress=False)
+
+
+@pytest.mark.slow
+def test_study_extends_the_dataset_with_only_the_missing_shards(tmp_path, toy, tiny_model, ray_cluster):
+    from dreamshard.engine.run import generate
+
+    gen = load_config(REPO / "configs/quickstart.yaml", GenerateConfig,
+                      [f"model.path={tiny_model}", "run.num_samples=16", "output.samples_per_shard=8", "run.workers=1", "sampling.steps=2"])
+    run_dir = tmp_path / "generated"
+    assert generate(gen, out=str(run_dir), show_progress=False).ok
+    before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "shards").glob("*.tar")}
+    assert len(before) == 2
+
+    config = study_config(tmp_path, train_yaml(tmp_path, toy), run_dir, [8, 24])
+    summary = run_study(config, show_progress=False)
+    assert summary.ok and len(summary.trained) == 4
+    assert available_samples(str(run_dir)) == 24
+    after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "shards").glob("*.tar")}
+    assert set(after) == set(before) | {"000002.tar"}
+    assert all(after[name] == stamp for name, stamp in before.items())  # existing shards untouched

@@ -226,7 +226,7 @@ def train_one(train_config: dict, result_path: str, size: int | None, seed: int)
         "size": size,
         "seed": seed,
         "miou": result["mIoU"],
-        "per_class_iou": {name: value["iou"] for name, value in result["per_class"].items()},
+        "per_class_iou": result["per_class_iou"],
         "wall_seconds": time.perf_counter() - started,
         "images_per_s": result.get("images_per_s"),
         "iterations": config.max_iters,
