@@ -2,6 +2,7 @@
 deterministic; and the model loader's behaviour on good and bad input."""
 
 import hashlib
+import json
 import subprocess
 import sys
 import time
@@ -105,3 +106,32 @@ def test_missing_and_invalid_model_paths(tmp_path):
         load_pipeline(ModelConfig(path=str(tmp_path / "empty")))
     with pytest.raises(UserError, match="not found or incomplete.*local_files_only"):
         load_pipeline(ModelConfig(path="nobody/no-such-model", local_files_only=True))
+
+
+def test_fingerprint_covers_the_pipeline_not_files_kept_beside_it(tmp_path, tiny):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny, copy)
+    before = model_fingerprint(copy)
+    (copy / "checkpoint-5").mkdir()
+    (copy / "checkpoint-5" / "note.json").write_text("{}")
+    (copy / "train_log.jsonl").write_text('{"step": 1}\n')
+    assert model_fingerprint(copy) == before
+    config = json.loads((copy / "scheduler" / "scheduler_config.json").read_text())
+    config["steps_offset"] = 0
+    (copy / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    assert model_fingerprint(copy) != before
+
+
+def test_model_identity_includes_lora_and_controlnet_content(tmp_path, tiny):
+    from dreamshard.engine.models import model_identity
+
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(b"first")
+    first = model_identity(ModelConfig(path=str(tiny), lora=str(lora)))
+    lora.write_bytes(b"second")
+    second = model_identity(ModelConfig(path=str(tiny), lora=str(lora)))
+    assert first["hash"] == second["hash"] == model_fingerprint(tiny)
+    assert first["lora"] != second["lora"]
+    assert model_identity(ModelConfig(path=str(tiny)))["lora"] is None

@@ -58,7 +58,7 @@ def load_pipeline(model: ModelConfig, mode: str = "txt2img", device: str | None 
     dtype = resolve_dtype(model.dtype, torch_device)
     base_path, lora_path = resolve_model_path(model)
 
-    pipe = _from_pretrained(base_path, model, dtype)
+    pipe = load_base_pipeline(base_path, model, dtype)
     if lora_path:
         _apply_lora(pipe, lora_path, model.lora_scale)
     if model.scheduler:
@@ -105,15 +105,20 @@ def make_scheduler(name: str, config):
 
 
 def model_fingerprint(path: str | Path) -> str:
-    """A content hash of a pipeline directory: every config file in full, plus each weight file's size and
-    its first and last MiB (hashing gigabytes of weights in full would slow every run start)."""
-    root = Path(path)
-    if not root.is_dir():
+    """A content hash of a model: every config file in full, plus each weight file's size and its first and
+    last MiB (hashing gigabytes of weights in full would slow every run start). For a pipeline directory
+    only `model_index.json` and its component folders count, so checkpoints or logs kept beside them (a
+    personalisation output) do not change it. A hub id that is not a local path hashes as its name."""
+    root = Path(path).expanduser()
+    if root.is_file():
+        files = [root]
+    elif root.is_dir():
+        files = _model_files(root)
+    else:
         return "hub:" + str(path)
     digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = file.relative_to(root).as_posix()
-        digest.update(rel.encode())
+    for file in files:
+        digest.update((file.relative_to(root).as_posix() if file != root else file.name).encode())
         size = file.stat().st_size
         digest.update(str(size).encode())
         with file.open("rb") as fh:
@@ -126,6 +131,28 @@ def model_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def model_identity(model: ModelConfig) -> dict:
+    """What the generated images depend on, by content: the base pipeline, the LoRA and the ControlNet."""
+    base, lora = resolve_model_path(model)
+    return {
+        "id": model.path,
+        "hash": model_fingerprint(base),
+        "lora": model_fingerprint(lora) if lora else None,
+        "controlnet": model_fingerprint(model.controlnet) if model.controlnet else None,
+    }
+
+
+def _model_files(root: Path) -> list[Path]:
+    index = root / "model_index.json"
+    if not index.is_file():
+        return sorted(p for p in root.rglob("*") if p.is_file())
+    components = [name for name, value in json.loads(index.read_text()).items() if isinstance(value, list) and value[0]]
+    files = [index]
+    for name in components:
+        files += sorted(p for p in (root / name).rglob("*") if p.is_file())
+    return files
+
+
 # ------------------------------------------------------------------------------------------- helpers
 
 
@@ -134,7 +161,8 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
 
 
-def _from_pretrained(path: str, model: ModelConfig, dtype: torch.dtype):
+def load_base_pipeline(path: str, model: ModelConfig, dtype: torch.dtype):
+    """The txt2img pipeline at `path` as stored (no LoRA, scheduler or attention changes)."""
     import diffusers
     import transformers
     from diffusers import StableDiffusionPipeline
