@@ -192,7 +192,7 @@ class PriorPreservationConfig(Strict):
 class PersonalizeTrainConfig(Strict):
     method: Literal["full", "lora"] = "full"
     max_steps: int = Field(1000, gt=0)  # optimizer steps
-    lr: float | None = None  # None: 5e-6 for full fine-tuning, 1e-4 for LoRA
+    lr: float | None = Field(None, gt=0)  # None: 5e-6 for full fine-tuning, 1e-4 for LoRA
     batch_size: int = Field(1, gt=0)
     gradient_accumulation: int = Field(1, gt=0)
     resolution: int = Field(512, gt=0, multiple_of=8)  # square crop size (SD's VAE downsamples 8x)
@@ -256,6 +256,7 @@ class TrainDataConfig(Strict):
     cat_max_ratio: float = Field(0.75, gt=0, le=1)  # source crops: re-crop (10 tries) until no class covers more
     batch_size: int = Field(2, ge=1)  # per rank and domain
     workers: int = Field(4, ge=0)  # DataLoader workers per domain and rank
+    cache_dir: str = ".cache/dreamshard"  # rare-class-sampling statistics, computed once per source dataset
 
 
 class TrainModelConfig(Strict):

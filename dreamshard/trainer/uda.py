@@ -1,0 +1,241 @@
+"""Training methods: one `step` per iteration computes the losses and calls `backward` on each; the loop
+owns the optimiser step. `dacs` follows DAFormer's `mmseg/models/uda/dacs.py`:
+
+1. EMA teacher update (copy at iteration 0), over parameters only (`begin_iteration`);
+2. supervised CE on the source crop (+ ImageNet feature distance on thing classes) → backward;
+3. the teacher pseudo-labels the clean target crop; quality weight q = share of pixels with max prob
+   ≥ 0.968, broadcast to every target pixel (or a per-pixel hard mask), zeroed in the ignore margins;
+4. ClassMix: half of each source image's classes pasted onto its target image (image, label, weight),
+   strong colour jitter + blur on the mixed image, weighted CE → backward;
+5. MIC (option): the strongly augmented target with random blocks masked out, trained on the same
+   pseudo-labels → backward.
+Gradients of all losses accumulate before the single optimiser step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from timm.layers import DropPath
+from torch import nn
+
+from dreamshard.config import TrainConfig, UDAConfig
+from dreamshard.trainer.labels import IGNORE_INDEX
+
+Backward = Callable[[torch.Tensor], None]
+Batch = dict[str, torch.Tensor]
+
+
+def weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """CE on logits upsampled to label size; per-pixel weight, mean over all pixels (ignored ones count as 0)."""
+    logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return (loss * weight).mean() if weight is not None else loss.mean()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+class SourceOnly:
+    """Supervised on the labelled source (and, for supervised_synthetic, on label-carrying target shards)."""
+
+    def __init__(self, model: nn.Module, domains: tuple[str, ...] = ("source",)):
+        self.model = model
+        self.domains = domains
+
+    def begin_iteration(self, iteration: int) -> None:
+        pass
+
+    def step(self, batch: Batch, backward: Backward) -> dict[str, float]:
+        logs = {}
+        for domain in self.domains:
+            loss = weighted_ce(self.model(batch[f"{domain}_image"]), batch[f"{domain}_label"])
+            backward(loss)
+            logs[f"loss_{domain}"] = loss.item()
+        return logs
+
+    def state_dicts(self) -> dict[str, dict]:
+        return {}
+
+    def load_state_dicts(self, states: dict[str, dict]) -> None:
+        pass
+
+
+class DACS:
+    def __init__(self, model: nn.Module, config: UDAConfig, num_classes: int):
+        self.model = model  # the student, possibly DDP-wrapped
+        self.config = config
+        self.num_classes = num_classes
+        self.teacher = freeze(copy.deepcopy(unwrap(model)))
+        # FD compares against the backbone as it was before training (ImageNet weights when pretrained).
+        self.imnet = freeze(copy.deepcopy(unwrap(model).backbone)).eval() if config.fd.enabled else None
+
+    def state_dicts(self) -> dict[str, dict]:
+        return {"teacher": self.teacher.state_dict()}
+
+    def load_state_dicts(self, states: dict[str, dict]) -> None:
+        self.teacher.load_state_dict(states["teacher"])
+
+    @torch.no_grad()
+    def begin_iteration(self, iteration: int) -> None:
+        """EMA update of the teacher with the student after the previous optimiser step (copy at iteration 0)."""
+        student = unwrap(self.model)
+        if iteration == 0:
+            self.teacher.load_state_dict(student.state_dict())
+            return
+        alpha = min(1 - 1 / (iteration + 1), self.config.alpha)
+        for t, s in zip(self.teacher.parameters(), student.parameters()):
+            t.lerp_(s.detach(), 1 - alpha)
+
+    def step(self, batch: Batch, backward: Backward) -> dict[str, float]:
+        cfg = self.config
+        src_img, src_lbl, tgt_img = batch["source_image"], batch["source_label"], batch["target_image"]
+        logs = {}
+
+        # Source CE (+ FD on the same forward, so DDP sees one backward per forward).
+        if self.imnet is not None:
+            logits, features = self.model(src_img, with_features=True)
+            loss_src = weighted_ce(logits, src_lbl)
+            loss_fd = self.feature_distance(features[-1], src_img, src_lbl)
+            logs["loss_fd"] = loss_fd.item()
+            loss_src_total = loss_src + loss_fd
+        else:
+            loss_src = loss_src_total = weighted_ce(self.model(src_img), src_lbl)
+        backward(loss_src_total)
+        logs["loss_source"] = loss_src.item()
+
+        pseudo_label, pseudo_weight, quality = self.pseudo_label(tgt_img)
+        logs["pseudo_quality"] = quality
+
+        masks = class_mix_masks(src_lbl)
+        mixed_img = masks[:, None] * src_img + (1 - masks[:, None]) * tgt_img
+        mixed_lbl = torch.where(masks.bool(), src_lbl, pseudo_label)
+        mixed_weight = masks + (1 - masks) * pseudo_weight
+        mixed_img = strong_augment(mixed_img, cfg)
+        loss_mix = weighted_ce(self.model(mixed_img), mixed_lbl, mixed_weight)
+        backward(loss_mix)
+        logs["loss_mix"] = loss_mix.item()
+
+        if cfg.mic.enabled:
+            masked = mask_blocks(strong_augment(tgt_img, cfg), cfg.mic.mask_ratio, cfg.mic.block_size, unwrap(self.model).mean)
+            loss_mic = cfg.mic.weight * weighted_ce(self.model(masked), pseudo_label, pseudo_weight)
+            backward(loss_mic)
+            logs["loss_mic"] = loss_mic.item()
+        return logs
+
+    @torch.no_grad()
+    def pseudo_label(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Teacher argmax on the clean target, its per-pixel weight and the quality q (share of confident pixels)."""
+        cfg = self.config
+        # DAFormer leaves the teacher in train mode (BN on batch statistics) but switches off dropout.
+        self.teacher.train()
+        for module in self.teacher.modules():
+            if isinstance(module, (nn.modules.dropout._DropoutNd, DropPath)):
+                module.training = False
+        logits = F.interpolate(self.teacher(target), size=target.shape[-2:], mode="bilinear", align_corners=False)
+        max_prob, label = torch.softmax(logits.float(), dim=1).max(dim=1)
+        confident = max_prob >= cfg.pseudo_threshold
+        quality = confident.float().mean().item()
+        if cfg.pseudo_weight == "threshold_uniform":
+            weight = torch.full_like(max_prob, quality)
+        elif cfg.pseudo_weight == "threshold":
+            weight = confident.float()
+        else:
+            weight = torch.ones_like(max_prob)
+        if cfg.ignore_top:
+            weight[:, : cfg.ignore_top] = 0
+        if cfg.ignore_bottom:
+            weight[:, -cfg.ignore_bottom :] = 0
+        return label, weight, quality
+
+    def feature_distance(self, features: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """λ · mean L2 distance to the frozen initial backbone's last-level features, on thing-class pixels."""
+        fd = self.config.fd
+        with torch.no_grad():
+            imnet_features = self.imnet((images - unwrap(self.model).mean) / unwrap(self.model).std)[-1]
+        distance = torch.norm(features.float() - imnet_features.float(), dim=1)
+        scale = labels.shape[-1] // features.shape[-1]
+        small = downscale_labels(labels, scale, fd.scale_min_ratio, self.num_classes)
+        things = torch.isin(small, torch.tensor(fd.thing_classes, device=small.device))
+        if not things.any():  # no thing pixels in this batch: no FD term (but keep the graph connected)
+            return distance.sum() * 0
+        return fd.weight * distance[things].mean()
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module
+
+
+def class_mix_masks(labels: torch.Tensor) -> torch.Tensor:
+    """Per image, a {0, 1} float mask of the pixels of a random half (rounded up) of its source classes."""
+    masks = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    for i, label in enumerate(labels):
+        classes = label.unique()
+        classes = classes[classes != IGNORE_INDEX]
+        if classes.numel() == 0:
+            continue
+        chosen = classes[torch.randperm(classes.numel(), device=labels.device)[: (classes.numel() + 1) // 2]]
+        masks[i] = torch.isin(label, chosen).float()
+    return masks
+
+
+def strong_augment(images: torch.Tensor, config: UDAConfig) -> torch.Tensor:
+    """DACS strong aug on images in [0, 1]: colour jitter (per image factors; on with prob p) and Gaussian
+    blur (prob 0.5, sigma ~ U(0.15, 1.15), kernel ≈ 10% of the size, odd), decided once per batch."""
+    s = config.color_jitter_strength
+    if s > 0 and torch.rand(()) < config.color_jitter_p:
+        out = []
+        for image in images.float():
+            b, c, sat = (1 + (torch.rand(3) * 2 - 1) * s).tolist()
+            hue = float((torch.rand(()) * 2 - 1) * min(s, 0.5))
+            image = TF.adjust_brightness(image, b)
+            image = TF.adjust_contrast(image, c)
+            image = TF.adjust_saturation(image, sat)
+            out.append(TF.adjust_hue(image, hue))
+        images = torch.stack(out).to(images.dtype)
+    if config.blur and torch.rand(()) < 0.5:
+        sigma = float(torch.empty(()).uniform_(0.15, 1.15))
+        kernel = [_odd_kernel(images.shape[-2]), _odd_kernel(images.shape[-1])]
+        images = TF.gaussian_blur(images, kernel_size=kernel[::-1], sigma=[sigma, sigma])
+    return images
+
+
+def _odd_kernel(size: int) -> int:
+    k = math.ceil(0.1 * size)
+    return max(3, k + 1 - k % 2)
+
+
+def mask_blocks(images: torch.Tensor, ratio: float, block: int, fill: torch.Tensor) -> torch.Tensor:
+    """MIC masking: a grid of `block`-pixel patches, each kept with probability 1 - ratio; masked patches get
+    the mean colour (0 after normalisation)."""
+    b, _, h, w = images.shape
+    grid = (torch.rand(b, 1, math.ceil(h / block), math.ceil(w / block), device=images.device) > ratio).to(images.dtype)
+    keep = F.interpolate(grid, scale_factor=block, mode="nearest")[..., :h, :w]
+    return images * keep + fill.to(images.dtype) * (1 - keep)
+
+
+def downscale_labels(labels: torch.Tensor, scale: int, min_ratio: float, num_classes: int) -> torch.Tensor:
+    """Majority label per `scale`x`scale` block; 255 where the majority covers less than `min_ratio`."""
+    labels = labels.clone()
+    labels[labels == IGNORE_INDEX] = num_classes
+    onehot = F.one_hot(labels, num_classes + 1).permute(0, 3, 1, 2).float()
+    pooled = F.avg_pool2d(onehot, scale)
+    ratio, small = pooled.max(dim=1)
+    small[(small == num_classes) | (ratio < min_ratio)] = IGNORE_INDEX
+    return small
+
+
+def build_method(config: TrainConfig, model: nn.Module) -> SourceOnly | DACS:
+    if config.method == "dacs":
+        return DACS(model, config.uda, config.model.num_classes)
+    if config.method == "supervised_synthetic":
+        return SourceOnly(model, ("source", "target") if config.data.source else ("target",))
+    return SourceOnly(model)

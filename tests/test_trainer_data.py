@@ -1,0 +1,192 @@
+"""The trainer's data side on real files: engine shards (written with the engine's writer), run directories,
+subsets, corrupt shards, label checks, weak augmentation and rare class sampling."""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dreamshard.config import DomainConfig, RCSConfig, ShardsConfig, TrainDataConfig
+from dreamshard.engine.manifest import consolidate, shard_counts, write_run_record
+from dreamshard.engine.writer import ShardSample, Store, write_shard
+from dreamshard.errors import UserError
+from dreamshard.trainer.data import Augment, RareClassSampler, check_labels, resolve_shards, train_loader
+
+SIZE = 24
+
+
+def _write_run(root, num_samples: int, per_shard: int, label_value: int | None = None) -> None:
+    """A run directory in the engine format; sample i's image is filled with value i (readable back)."""
+    store = Store(root)
+    counts = shard_counts(num_samples, per_shard)
+    index = 0
+    for shard, count in enumerate(counts):
+        samples = []
+        for _ in range(count):
+            image = Image.fromarray(np.full((SIZE, SIZE, 3), index, dtype=np.uint8))
+            files = {} if label_value is None else {"seg.png": Image.fromarray(np.full((SIZE, SIZE), label_value, dtype=np.uint8))}
+            samples.append(ShardSample({"index": index}, image, files))
+            index += 1
+        write_shard(root, shard, samples, image_format="png")
+    consolidate(store, counts)
+    write_run_record(store, {"samples_per_shard": per_shard, "num_samples": num_samples})
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    _write_run(root, num_samples=50, per_shard=16)  # shards of 16, 16, 16, 2: uneven
+    return root
+
+
+def test_shards_from_run_dir_glob_and_brace(run_dir):
+    urls, keys = resolve_shards(ShardsConfig(path=str(run_dir)))
+    assert [u.rsplit("/", 1)[1] for u in urls] == ["000000.tar", "000001.tar", "000002.tar", "000003.tar"] and keys is None
+    assert resolve_shards(ShardsConfig(path=f"{run_dir}/shards/*.tar"))[0] == urls
+    assert resolve_shards(ShardsConfig(path=f"{run_dir}/shards/{{000001..000002}}.tar"))[0] == urls[1:3]
+
+
+def test_uncommitted_shard_is_not_read(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "index" / "000001.commit.json").unlink()
+    urls, _ = resolve_shards(ShardsConfig(path=str(copy)))
+    assert not any(u.endswith("000001.tar") for u in urls) and len(urls) == 3
+
+
+@pytest.mark.parametrize("path", ["{root}/nothing/*.tar", "{root}/shards/{{000007..000009}}.tar", "{root}/shards"])
+def test_no_shards_matched_is_a_user_error(run_dir, path):
+    with pytest.raises(UserError, match="no shards matched|not a dreamshard run"):
+        resolve_shards(ShardsConfig(path=path.format(root=run_dir)))
+
+
+def test_subset_is_exactly_the_first_n_manifest_samples(run_dir):
+    urls, keys = resolve_shards(ShardsConfig(path=str(run_dir), subset=20))
+    assert keys == {f"{i:09d}" for i in range(20)}
+    assert [u.rsplit("/", 1)[1] for u in urls] == ["000000.tar", "000001.tar"]
+    # Streamed through the trainer's reader, only those samples ever appear (image value = sample index).
+    domain = DomainConfig(shards=ShardsConfig(path=str(run_dir), subset=20, shuffle_buffer=8))
+    data = TrainDataConfig(crop_size=(8, 8), batch_size=5, workers=0, flip=False)
+    seen = set()
+    for batch in train_loader("target", domain, data, labelled=False, seed=0, batches=40):
+        seen.update(batch["image"][:, 0, 0, 0].tolist())
+    assert seen == set(range(20))
+    with pytest.raises(UserError, match="larger than"):
+        resolve_shards(ShardsConfig(path=str(run_dir), subset=51))
+
+
+def test_stream_has_exact_length_with_uneven_shards_and_workers(run_dir):
+    domain = DomainConfig(shards=ShardsConfig(path=str(run_dir), shuffle_buffer=0))
+    data = TrainDataConfig(crop_size=(SIZE, SIZE), batch_size=4, workers=2)
+    batches = list(train_loader("target", domain, data, labelled=False, seed=0, batches=13))
+    assert len(batches) == 13
+    assert all(b["image"].shape == (4, 3, SIZE, SIZE) and b["image"].dtype == torch.uint8 for b in batches)
+    domain = DomainConfig(shards=ShardsConfig(path=str(run_dir), resampled=False, shuffle_buffer=0))
+    assert len(list(train_loader("target", domain, data, labelled=False, seed=0, batches=30))) == 30  # shards repeat
+
+
+def test_corrupt_shard_is_skipped_and_counted(run_dir, tmp_path):
+    good = run_dir / "shards" / "000000.tar"
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(good.read_bytes()[:5000] + b"\x00garbage" * 100)  # truncated mid-member
+    noimage = tmp_path / "noimage.tar"
+    noimage.write_bytes(b"")  # an empty file is not a tar
+    domain = DomainConfig(shards=ShardsConfig(path=f"{{{bad},{noimage},{good}}}", shuffle_buffer=0))
+    data = TrainDataConfig(crop_size=(SIZE, SIZE), batch_size=4, workers=0)
+    batches = list(train_loader("target", domain, data, labelled=False, seed=0, batches=30))
+    assert len(batches) == 30  # training goes on
+    assert batches[-1]["skipped"] > 0
+
+
+def test_labelled_shards_and_label_range_check(tmp_path):
+    _write_run(tmp_path / "ok", num_samples=6, per_shard=6, label_value=3)
+    domain = DomainConfig(shards=ShardsConfig(path=str(tmp_path / "ok"), shuffle_buffer=0))
+    data = TrainDataConfig(crop_size=(16, 16), batch_size=2, workers=0)
+    batch = next(iter(train_loader("target", domain, data, labelled=True, seed=0, batches=1)))
+    assert batch["label"].shape == (2, 16, 16) and (batch["label"] == 3).all()
+    check_labels(batch["label"], 4, "x")
+    with pytest.raises(UserError, match=r"label ids \[3\] are outside the 3 classes"):
+        check_labels(batch["label"], 3, "target data")
+
+
+def test_augment_resizes_crops_pads_and_keeps_image_and_label_aligned():
+    rng = np.random.default_rng(0)
+    label = np.zeros((30, 40), dtype=np.uint8)
+    label[:, 20:] = 1
+    pixels = np.zeros((30, 40, 3), dtype=np.uint8)
+    pixels[:, 20:] = 200
+    image, crop = Augment(resize=None, crop=(16, 16), flip=True, cat_max_ratio=1.0)(Image.fromarray(pixels), label, rng)
+    assert image.shape == (3, 16, 16) and crop.shape == (16, 16)
+    assert torch.equal(image[0] == 200, crop == 1)  # same crop and flip for both
+    image, crop = Augment(resize=(10, 8), crop=(12, 12), flip=False)(Image.fromarray(pixels), label, rng)
+    assert image.shape == (3, 12, 12) and (crop[8:] == 255).all() and (image[:, 8:] == 0).all()  # padded
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, format="JPEG")
+    assert Augment(resize=(20, 15), crop=(8, 8), flip=False).decode(encoded.getvalue()).size[0] >= 20  # draft never undershoots
+
+
+def test_rare_class_sampling_favours_rare_classes():
+    stats = [{0: 1000, 1: 10}] * 50 + [{0: 1000, 2: 200}] * 2  # class 2 is rare overall
+    sampler = RareClassSampler(stats, RCSConfig(enabled=True, class_temp=0.01, min_pixels=50, min_crop_ratio=0.5))
+    assert sampler.classes == [0, 2]  # class 1 never has more than min_pixels in a file
+    rng = np.random.default_rng(0)
+    draws = [sampler.draw(rng) for _ in range(200)]
+    assert sum(cls == 2 for cls, _ in draws) > 150
+    assert all(index >= 50 for cls, index in draws if cls == 2)
+    assert sampler.min_crop_pixels == 25
+
+
+@pytest.mark.slow
+def test_supervised_synthetic_on_labelled_shards_evaluated_on_shards(tmp_path):
+    from dreamshard.config import TrainConfig
+    from dreamshard.trainer.loop import train
+
+    _write_run(tmp_path / "synthetic", num_samples=8, per_shard=4, label_value=2)
+    shards = {"shards": {"path": str(tmp_path / "synthetic"), "shuffle_buffer": 0}}
+    config = TrainConfig(
+        method="supervised_synthetic", output=str(tmp_path / "out"), max_iters=2, progress=False,
+        data={"target": shards, "val": shards, "crop_size": (16, 16), "batch_size": 2, "workers": 0},
+        model={"backbone": "test_resnet", "decoder": "segformer", "embed_dim": 8, "num_classes": 3},
+        optim={"warmup_iters": 0, "grad_accum": 2},
+    )  # fmt: skip
+    summary = train(config)
+    assert summary["pixels"] == 8 * SIZE * SIZE  # every val pixel of every sample, at label size
+    assert summary["per_class_iou"]["class2"] is not None and summary["per_class_iou"]["class0"] is None
+
+
+def test_backbone_loads_local_pretrained_weights(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from dreamshard.config import TrainModelConfig
+    from dreamshard.trainer.model import Segmenter
+
+    torch.manual_seed(5)
+    reference = timm.create_model("test_resnet", pretrained=False)
+    save_file(reference.state_dict(), tmp_path / "w.safetensors")
+    model = Segmenter(TrainModelConfig(backbone="test_resnet", pretrained=str(tmp_path / "w.safetensors"), num_classes=3))
+    loaded, expected = model.backbone.state_dict(), reference.state_dict()
+    shared = [name for name in loaded if name in expected]
+    assert len(shared) == len(loaded) and all(torch.equal(loaded[name], expected[name]) for name in shared)
+    with pytest.raises(UserError, match="file not found"):
+        Segmenter(TrainModelConfig(backbone="test_resnet", pretrained=str(tmp_path / "missing.safetensors")))
+
+
+def test_toy_data_command_writes_engine_shards_and_folders(tmp_path):
+    from typer.testing import CliRunner
+
+    from dreamshard.cli import app
+    from dreamshard.engine.manifest import read_manifest
+
+    result = CliRunner().invoke(app, ["toy-data", str(tmp_path / "toy"), "--size", "16"])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "toy" / "target").num_rows == 256  # a run directory in the engine format
+    assert len(resolve_shards(ShardsConfig(path=str(tmp_path / "toy" / "target")))[0]) == 4
+    assert len(list((tmp_path / "toy" / "source" / "labels").glob("*.png"))) == 256
+    again = CliRunner().invoke(app, ["toy-data", str(tmp_path / "toy")])
+    assert again.exit_code == 2 and "not empty" in again.output

@@ -1,0 +1,153 @@
+"""Unit tests of the trainer's parts on small real tensors: metrics, the DACS pieces, the model, the schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dreamshard.config import TrainModelConfig, UDAConfig
+from dreamshard.trainer.labels import SYNTHIA16
+from dreamshard.trainer.loop import lr_factor
+from dreamshard.trainer.metrics import confusion_metric, per_class_iou, summarize
+from dreamshard.trainer.model import Segmenter, head_parameter_groups
+from dreamshard.trainer.uda import DACS, class_mix_masks, downscale_labels, mask_blocks, strong_augment, weighted_ce
+
+
+def test_iou_from_torchmetrics_confmat_ignores_255_and_skips_absent_classes():
+    metric = confusion_metric(3)
+    target = torch.tensor([[0, 0, 1, 1, 255, 255]])
+    preds = torch.tensor([[0, 1, 1, 1, 2, 0]])  # the two 255 pixels must not count, whatever is predicted
+    metric.update(preds, target)
+    confmat = metric.compute()
+    assert confmat.sum() == 4
+    iou = per_class_iou(confmat)
+    assert iou[0].item() == pytest.approx(1 / 2)  # tp 1, fp 0, fn 1
+    assert iou[1].item() == pytest.approx(2 / 3)  # tp 2, fp 1, fn 0
+    assert math.isnan(iou[2].item())  # absent from prediction and ground truth (after ignoring)
+    summary = summarize(confmat, ["a", "b", "c"])
+    assert summary["mIoU"] == pytest.approx((1 / 2 + 2 / 3) / 2)  # not divided by 3
+    assert summary["aAcc"] == pytest.approx(3 / 4)
+    assert summary["per_class"]["c"]["iou"] is None
+
+
+def test_miou16_averages_the_synthia_classes_only():
+    confmat = torch.zeros(19, 19, dtype=torch.long)
+    for c in range(19):
+        confmat[c, c] = 10
+    for c in (9, 14, 16):  # the three classes SYNTHIA lacks: all wrong
+        confmat[c, c] = 0
+        confmat[c, 0] = 10
+    summary = summarize(confmat, [f"c{i}" for i in range(19)])
+    iou = per_class_iou(confmat)
+    assert summary["mIoU16"] == pytest.approx(iou[list(SYNTHIA16)].mean().item())
+    assert summary["mIoU"] < summary["mIoU16"]
+
+
+def test_class_mix_takes_half_of_each_images_classes_rounded_up_and_never_ignore():
+    torch.manual_seed(0)
+    labels = torch.tensor([[0, 1, 2, 255] * 4, [3, 3, 255, 255] * 4]).view(2, 4, 4)
+    for _ in range(20):
+        masks = class_mix_masks(labels)
+        chosen0 = labels[0][masks[0].bool()].unique().tolist()
+        chosen1 = labels[1][masks[1].bool()].unique().tolist()
+        assert len(chosen0) == 2 and 255 not in chosen0  # ceil(3 / 2)
+        assert chosen1 == [3]
+        assert not masks[0][labels[0] == 255].any()
+
+
+def test_pseudo_label_quality_weight_and_ignore_margins():
+    model = Segmenter(TrainModelConfig(backbone="test_resnet", decoder="segformer", embed_dim=16, num_classes=4))
+    dacs = DACS(model, UDAConfig(pseudo_threshold=0.0, ignore_top=2, ignore_bottom=3), num_classes=4)
+    label, weight, quality = dacs.pseudo_label(torch.rand(2, 3, 32, 32))
+    assert label.shape == (2, 32, 32) and label.max() < 4
+    assert quality == 1.0  # every pixel reaches a 0.0 threshold
+    assert (weight[:, :2] == 0).all() and (weight[:, -3:] == 0).all() and (weight[:, 2:-3] == 1).all()
+    dacs.config.pseudo_threshold = 1.01  # nothing is that confident: q = 0, and the hard mask is all zero
+    _, weight, quality = dacs.pseudo_label(torch.rand(2, 3, 32, 32))
+    assert quality == 0.0 and weight.sum() == 0
+
+
+def test_ema_teacher_copies_then_follows_alpha_t():
+    model = Segmenter(TrainModelConfig(backbone="test_resnet", decoder="segformer", embed_dim=16, num_classes=4))
+    dacs = DACS(model, UDAConfig(alpha=0.999), num_classes=4)
+    student_param = next(model.parameters())
+    with torch.no_grad():
+        student_param.add_(1.0)
+    dacs.begin_iteration(0)  # iteration 0: exact copy
+    teacher_param = next(dacs.teacher.parameters())
+    assert torch.equal(teacher_param, student_param)
+    before = teacher_param.clone()
+    with torch.no_grad():
+        student_param.add_(2.0)
+    dacs.begin_iteration(1)  # alpha_1 = min(1 - 1/2, 0.999) = 0.5
+    assert torch.allclose(teacher_param, 0.5 * before + 0.5 * student_param)
+    assert not teacher_param.requires_grad
+
+
+def test_weighted_ce_counts_ignored_pixels_in_the_mean():
+    logits = torch.zeros(1, 2, 2, 2)
+    labels = torch.tensor([[[0, 1], [255, 255]]])
+    loss = weighted_ce(logits, labels, torch.ones(1, 2, 2))
+    assert loss.item() == pytest.approx(math.log(2) * 2 / 4)
+
+
+def test_strong_augment_and_masking_keep_shape_and_range():
+    torch.manual_seed(1)
+    images = torch.rand(3, 3, 40, 40)
+    out = strong_augment(images, UDAConfig(color_jitter_p=1.0))
+    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1 and not torch.equal(out, images)
+    fill = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
+    masked = mask_blocks(images, ratio=0.7, block=8, fill=fill)
+    kept = (masked == images).all(dim=1).float().mean().item()
+    assert 0.05 < kept < 0.6  # about 30% of the blocks stay visible
+
+
+def test_downscale_labels_takes_majority_or_ignore():
+    labels = torch.tensor([[[1, 1, 2, 3], [1, 1, 255, 255]]])
+    small = downscale_labels(labels, 2, 0.75, num_classes=4)
+    assert small.tolist() == [[[1, 255]]]
+
+
+@pytest.mark.parametrize("decoder", ["daformer", "segformer"])
+def test_segmenter_outputs_stride4_logits_and_head_gets_10x_lr(decoder):
+    model = Segmenter(TrainModelConfig(backbone="test_resnet", decoder=decoder, embed_dim=16, num_classes=5))
+    logits, features = model(torch.rand(2, 3, 64, 64), with_features=True)
+    assert logits.shape == (2, 5, 16, 16) and len(features) == 4
+    groups = head_parameter_groups(model, lr=1e-3, head_lr_mult=10, weight_decay=0.01)
+    head_ids = {id(p) for p in model.decode_head.parameters()}
+    for group in groups:
+        is_head = id(group["params"][0]) in head_ids
+        assert group["lr"] == pytest.approx(1e-2 if is_head else 1e-3)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_lr_warmup_then_poly_decay():
+    from dreamshard.config import OptimConfig
+
+    factor = lr_factor(OptimConfig(lr=1e-3, warmup_iters=10, warmup_ratio=1e-6, power=1.0), max_iters=100)
+    assert factor(0) == pytest.approx(1e-6, rel=1e-3)
+    assert factor(5) < factor(10)
+    assert factor(10) == pytest.approx(0.9)
+    assert factor(50) == pytest.approx(0.5)
+    assert factor(100) == pytest.approx(0.0)
+
+
+def test_dacs_step_with_fd_and_mic_backpropagates_every_loss():
+    torch.manual_seed(0)
+    model = Segmenter(TrainModelConfig(backbone="test_resnet", decoder="daformer", embed_dim=16, num_classes=4))
+    config = UDAConfig(fd={"enabled": True, "thing_classes": [2, 3], "scale_min_ratio": 0.5}, mic={"enabled": True, "block_size": 8})
+    dacs = DACS(model, config, num_classes=4)
+    labels = torch.zeros(2, 64, 64, dtype=torch.long)
+    labels[:, 32:, :32] = 2
+    labels[:, :8] = 255
+    batch = {"source_image": torch.rand(2, 3, 64, 64), "source_label": labels, "target_image": torch.rand(2, 3, 64, 64)}
+    losses = []
+    dacs.begin_iteration(0)
+    logs = dacs.step(batch, lambda loss: (losses.append(loss.item()), loss.backward()))
+    assert set(logs) == {"loss_source", "loss_fd", "loss_mix", "loss_mic", "pseudo_quality"}
+    assert len(losses) == 3  # source(+FD), mix, MIC: one backward each, before one optimiser step
+    assert 0 < logs["loss_fd"] < 1  # thing pixels exist; λ = 0.005 keeps the term small
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in dacs.teacher.parameters()) and all(p.grad is None for p in dacs.imnet.parameters())
