@@ -87,6 +87,143 @@ def tiny_model(
     console.print(f"wrote {preset} model to {out}")
 
 
+@app.command("generate")
+@user_errors
+def generate(
+    config: Path = typer.Argument(..., help="Generation config YAML (configs/quickstart.yaml, configs/datum_*.yaml, ...)."),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    out: Optional[str] = typer.Option(None, "--out", help="Output directory or fsspec URL (s3://, gs://); default: output.path."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=1, help="Samples in the dataset; default: run.num_samples. Raising it extends a finished run."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to join ('auto', 'ray://host:10001'); default: an embedded local Ray."),
+    force_new: bool = typer.Option(False, "--force-new", help="If OUT holds a different dataset, write to a new sibling OUT-2, OUT-3, ... instead of refusing."),
+) -> None:
+    """Generate a WebDataset dataset with Ray workers. Re-running the same command resumes (committed
+    shards are kept); a higher --num-samples extends it. Layout: docs/format.md; clusters: docs/cluster.md."""
+    from dreamshard.config import GenerateConfig, load_config
+    from dreamshard.engine.run import generate as run_generate
+
+    summary = run_generate(load_config(config, GenerateConfig, sets), out, num_samples, address, force_new)
+    console.print(
+        f"{summary.out}: {summary.samples} samples in {summary.shards} shards ({summary.bytes / 2**20:.1f} MiB); "
+        f"generated {summary.images_generated} images in {summary.shards_generated} shards "
+        f"({summary.shards_skipped} already done) at {summary.images_per_s:.1f} images/s; "
+        f"{summary.retries} retries, {summary.failed_workers} failed workers; wall time {summary.wall_seconds:.1f} s",
+        highlight=False,
+    )
+    if not summary.ok:
+        failed = "; ".join(f"shard {shard}: {reason}" for shard, reason in sorted(summary.failed_shards.items()))
+        fail(f"{len(summary.failed_shards)} shard(s) could not be generated after retries ({failed}); re-run the same command to retry them", 1)
+
+
+@app.command("inspect")
+@user_errors
+def inspect(out: str = typer.Argument(..., help="A run directory (or fsspec URL) written by `dreamshard generate`.")) -> None:
+    """Samples, shards, bytes and counts per class / template / style axis."""
+    from dreamshard.engine.tools import inspect_dataset, inspect_tables
+
+    for table in inspect_tables(inspect_dataset(out)):
+        console.print(table)
+
+
+@app.command("verify")
+@user_errors
+def verify(
+    out: str = typer.Argument(..., help="A run directory (or fsspec URL) written by `dreamshard generate`."),
+    decode: bool = typer.Option(True, "--decode/--no-decode", help="Decode every image (slower, catches corrupt images)."),
+) -> None:
+    """Check a run directory against the data contract; exit 1 listing the problems."""
+    from dreamshard.engine.tools import verify_dataset
+
+    problems = verify_dataset(out, decode_images=decode)
+    for problem in problems:
+        console.print(f"- {problem}", highlight=False, soft_wrap=True)
+    if problems:
+        fail(f"{out}: {len(problems)} problem(s) found", 1)
+    console.print(f"{out}: ok")
+
+
+@app.command("preview")
+@user_errors
+def preview(
+    out: str = typer.Argument(..., help="A run directory (or fsspec URL) written by `dreamshard generate`."),
+    count: int = typer.Option(64, "-n", "--count", min=1, help="How many samples (the first ones)."),
+    output: Path = typer.Option(Path("grid.png"), "-o", "--output", help="The contact sheet to write (PNG)."),
+) -> None:
+    """A contact sheet of the first samples with their prompts as captions."""
+    from dreamshard.engine.tools import preview_grid
+
+    console.print(f"wrote {preview_grid(out, count, output)}")
+
+
+@app.command("personalize")
+@user_errors
+def personalize(
+    config: Path = typer.Argument(..., help="Personalisation config YAML (configs/personalize_datum.yaml, configs/personalize_lora.yaml)."),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """DreamBooth fine-tuning (full or LoRA) on target image(s). OUT (output.path) is the final model: use it
+    with `dreamshard generate --set model.path=OUT`; OUT/checkpoint-STEP/ are earlier steps, loadable the same
+    way. Re-running the same command resumes from the newest checkpoint. Multi-GPU: `accelerate launch -m
+    dreamshard personalize ...`."""
+    from dreamshard.config import PersonalizeConfig, load_config
+    from dreamshard.engine.personalize import personalize as run_personalize
+
+    run_personalize(load_config(config, PersonalizeConfig, sets))
+
+
+@app.command("train")
+@user_errors
+def train(
+    config: Path = typer.Argument(..., help="Training config YAML (configs/train_dacs.yaml, configs/toy_dacs.yaml, ...)."),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Train a segmenter (dacs, source_only or supervised_synthetic) on shards and/or folder datasets, then
+    evaluate on data.val. Re-running resumes from the newest checkpoint in output. Multi-GPU / multi-node:
+    `torchrun --nproc_per_node N -m dreamshard train ...` or `accelerate launch -m dreamshard train ...`."""
+    from dreamshard.config import TrainConfig, load_config
+    from dreamshard.trainer.loop import train as run_train
+
+    summary = run_train(load_config(config, TrainConfig, sets))
+    if summary["mIoU"] is not None:
+        console.print(f"{summary['output']}: mIoU {100 * summary['mIoU']:.2f} after {summary['iterations']} iterations ({summary['wall_s']:.0f} s)", highlight=False)
+
+
+@app.command("eval")
+@user_errors
+def evaluate(
+    config: Path = typer.Argument(..., help="The training config (its model and data.val sections are used)."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint directory (OUTPUT/checkpoints/iter_N) or its model.safetensors."),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Also write the metrics (per-class IoU) to this JSON file."),
+) -> None:
+    """Evaluate a checkpoint on data.val: per-class IoU, mIoU (and mIoU16/13 for the 19 classes), accuracy."""
+    import json
+
+    from dreamshard.config import TrainConfig, load_config
+    from dreamshard.trainer.loop import evaluate_checkpoint
+
+    summary = evaluate_checkpoint(load_config(config, TrainConfig, sets), checkpoint)
+    if output is not None:
+        output.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+@app.command("toy-data")
+@user_errors
+def toy_data(
+    out: Path = typer.Argument(..., help="Directory to write source/, target/ (shards) and target_val/ into."),
+    seed: int = typer.Option(0, help="Seed of the scenes (same seed, same files)."),
+    size: int = typer.Option(64, min=16, help="Image size in pixels (square)."),
+) -> None:
+    """Write the toy domain shift used to check that training adapts: a labelled source folder, unlabelled
+    target shards in the engine format, a labelled target val folder (configs/toy_*.yaml read it)."""
+    from dreamshard.trainer.toy import make_toy
+
+    if out.exists() and any(out.iterdir()):
+        fail(f"{out} exists and is not empty; choose a new directory or remove it first")
+    paths = make_toy(out, seed=seed, size=size)
+    console.print(f"wrote toy data to {out}: " + ", ".join(f"{name}/" for name in paths))
+
+
 @app.command("study")
 @user_errors
 def study(

@@ -1,0 +1,569 @@
+"""`generate`: plan → Ray actors → committed WebDataset shards → manifest. The one public entry point of
+the generation engine; the CLI only parses arguments and calls it.
+
+The driver plans every shard up front (shard k = samples [k*S, min((k+1)*S, N))), skips the committed
+ones, and hands whole shards to worker actors through a queue. An actor that dies is replaced and its
+shard re-queued (bounded retries per shard); a shard that keeps failing is reported and the rest of the
+run goes on. The driver only ever waits with a timeout, so a dead actor cannot hang it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+import uuid
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Iterator
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from dreamshard import __version__
+from dreamshard.config import GenerateConfig
+from dreamshard.engine.manifest import (
+    clean_partials,
+    committed_shards,
+    consolidate,
+    read_run_record,
+    remove_consolidated,
+    shard_counts,
+    uncommit,
+    write_run_record,
+)
+from dreamshard.engine.models import model_fingerprint, resolve_model_path
+from dreamshard.engine.conditioned import conditioner_for
+from dreamshard.engine.plan import Plan, build_plan
+from dreamshard.engine.worker import GenerationWorker
+from dreamshard.engine.writer import FORMAT_VERSION, Store
+from dreamshard.errors import UserError
+from dreamshard.logs import console
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.25  # how long the driver waits for any result before refreshing progress and timeouts
+PROGRESS_SECONDS = 0.5  # how often busy workers are asked how far they are in their shard
+ACTOR_PREFIX = "dreamshard-worker-"
+VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "ray", "pyarrow", "pillow", "webdataset")
+
+
+@dataclass
+class RunSummary:
+    out: str
+    samples: int  # samples in the dataset
+    shards: int
+    shards_generated: int
+    shards_skipped: int  # already committed before this run
+    images_generated: int
+    bytes: int  # total tar bytes of the committed shards
+    wall_seconds: float
+    generation_seconds: float  # first worker ready -> last shard committed
+    first_image_seconds: float | None  # call -> first new image generated (None: nothing to do)
+    steady_images_per_s: float  # images/s once every worker of the first wave was ready (0: never)
+    retries: int
+    failed_workers: int
+    failed_shards: dict[int, str] = field(default_factory=dict)  # shard -> last error
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_shards
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images_generated / self.generation_seconds if self.generation_seconds > 0 else 0.0
+
+
+def generate(
+    config: GenerateConfig,
+    out: str | None = None,
+    num_samples: int | None = None,
+    address: str | None = None,
+    force_new: bool = False,
+    show_progress: bool = True,
+) -> RunSummary:
+    """Generate (or resume, or extend) the dataset `config` describes into `out` (default
+    `config.output.path`). Bad input raises UserError before any worker starts; shards that still fail
+    after their retries are listed in the summary's `failed_shards` (and no manifest is written)."""
+    started = time.perf_counter()
+    config = _resolved(config, out, num_samples)
+    plan = build_plan(config.prompts, config.sampling, config.run.seed)
+    conditioner = conditioner_for(config)  # img2img / controlnet_seg: the source is pre-scanned here
+    base_model, _ = resolve_model_path(config.model)
+    model_info = {"id": config.model.path, "hash": model_fingerprint(base_model)}
+    fingerprints = dataset_fingerprints(config, plan, model_info, conditioner)
+    store = _choose_output(config.output.path, fingerprints, force_new)
+    if store.url != config.output.path:
+        log.warning("writing to %s (a new directory, --force-new)", store.url)
+        config.output.path = store.url
+    counts = shard_counts(config.run.num_samples, config.output.samples_per_shard)
+    done = _prepare_output(store, config, plan, counts, fingerprints, model_info)
+    todo = [shard for shard in range(len(counts)) if shard not in done]
+
+    driver = None
+    if todo:
+        with ray_session(address):
+            driver = _Driver(config, store, plan, counts, todo, model_info, started, conditioner)
+            with _progress_display(show_progress, config.run.num_samples, sum(counts[k] for k in done)) as progress:
+                driver.run(progress)
+        clean_partials(store)  # what dead workers left; every worker of this run is gone now
+    committed = committed_shards(store, config.output.samples_per_shard)
+    summary = RunSummary(
+        out=store.url,
+        samples=config.run.num_samples,
+        shards=len(counts),
+        shards_generated=len(driver.committed) if driver else 0,
+        shards_skipped=len(done),
+        images_generated=driver.images_committed if driver else 0,
+        bytes=sum(marker["tar_bytes"] for shard, marker in committed.items() if shard < len(counts)),
+        wall_seconds=time.perf_counter() - started,
+        generation_seconds=driver.generation_seconds if driver else 0.0,
+        first_image_seconds=driver.first_image_seconds if driver else None,
+        steady_images_per_s=driver.steady_images_per_s if driver else 0.0,
+        retries=driver.retries if driver else 0,
+        failed_workers=driver.failed_workers if driver else 0,
+        failed_shards=dict(driver.failed) if driver else {},
+    )
+    if summary.ok:
+        consolidate(store, counts)
+    return summary
+
+
+def dataset_fingerprints(config: GenerateConfig, plan: Plan, model_info: dict, conditioner=None) -> dict[str, str]:
+    """What must match for new shards to belong with the ones already written: the plan (prompts, sampling,
+    seed), the model and how it is run, and the shard layout. Not num_samples, workers, batch or output."""
+    model = config.model
+    parts = {
+        "plan": plan.fingerprint,
+        "model": {"hash": model_info["hash"], "scheduler": model.scheduler, "dtype": model.dtype, "lora": model.lora,
+                  "lora_scale": model.lora_scale, "controlnet": model.controlnet, "mode": config.mode},
+        "layout": {"samples_per_shard": config.output.samples_per_shard, "image_format": config.output.image_format,
+                   "quality": config.output.quality},
+    }  # fmt: skip
+    if conditioner is not None:  # img2img / controlnet_seg: which source items, and how they condition samples
+        parts["source"] = conditioner.fingerprint
+    return {name: value if isinstance(value, str) else _digest(value) for name, value in parts.items()}
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Use the Ray already initialised in this process; else join `address` (or the cluster of a
+    `ray job submit` job); else start an embedded local Ray (127.0.0.1 only) and stop it afterwards."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if address is None and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # set by Ray's job supervisor
+        address = "auto"
+    try:
+        if address is None:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, object_store_memory=256 << 20,
+                     logging_level=logging.WARNING)  # fmt: skip
+        else:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        where = address or "local"
+        raise UserError(f"cannot start or join Ray at {where!r} ({exc}); for a cluster run `ray start --head` first, or drop --address") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# -------------------------------------------------------------------------------------- output directory
+
+
+def _resolved(config: GenerateConfig, out: str | None, num_samples: int | None) -> GenerateConfig:
+    config = config.model_copy(deep=True)
+    if out is not None:
+        config.output.path = str(out)
+    if num_samples is not None:
+        config.run.num_samples = num_samples
+    return config
+
+
+def _choose_output(path: str, fingerprints: dict[str, str], force_new: bool) -> Store:
+    """`path` if it is new, empty or holds this same dataset; with force_new, the first sibling `path-2`,
+    `path-3`, ... that is. Refuses to mix datasets."""
+    differs = _differing(Store(path), fingerprints)
+    if not differs:
+        return Store(path)
+    if not force_new:
+        raise UserError(
+            f"{path} holds a dataset made with a different {' and '.join(differs)}; "
+            "write to another --out, or pass --force-new to write to a new sibling directory"
+        )
+    for number in range(2, 1000):
+        candidate = f"{path.rstrip('/')}-{number}"
+        if not _differing(Store(candidate), fingerprints):
+            return Store(candidate)
+    raise UserError(f"no free sibling directory for {path}; choose another --out")
+
+
+def _differing(store: Store, fingerprints: dict[str, str]) -> list[str]:
+    """Parts of the fingerprint that differ from the run record in `store` ([] if new or the same)."""
+    try:
+        record = read_run_record(store)
+        if record is None:
+            if store.fs.isfile(store.root) or store.list(""):
+                return ["content (it is not a dreamshard run directory)"]
+            return []
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the output {store.url}: {exc}; choose another --out") from None
+    stored = record.get("fingerprints", {})
+    return [f"{name} (fingerprint {stored.get(name)} vs {value})" for name, value in fingerprints.items() if stored.get(name) != value]
+
+
+def _prepare_output(
+    store: Store, config: GenerateConfig, plan: Plan, counts: list[int], fingerprints: dict, model_info: dict
+) -> set[int]:
+    """Check what is committed, refuse to shrink, clear leftovers, write the run record; returns the
+    shards that are complete already."""
+    committed = committed_shards(store, config.output.samples_per_shard)
+    too_many = {k: m["count"] for k, m in committed.items() if k >= len(counts) or m["count"] > counts[k]}
+    if too_many:
+        have = sum(m["count"] for m in committed.values())
+        raise UserError(
+            f"{store.url} already holds {have} samples; num_samples={config.run.num_samples} would drop some "
+            f"(shards {sorted(too_many)}); raise num_samples or write to another --out"
+        )
+    done = {k for k, marker in committed.items() if marker["count"] == counts[k]}
+    try:
+        store.makedirs()
+        for shard in sorted(set(committed) - done):  # a short last shard the extended run fills up
+            uncommit(store, shard)
+        clean_partials(store)
+        _remove_uncommitted(store, done)
+        if len(done) < len(counts):
+            remove_consolidated(store)
+        previous = read_run_record(store) or {}
+        write_run_record(store, _run_record(config, plan, counts, fingerprints, model_info, previous))
+    except OSError as exc:
+        raise UserError(f"cannot write to {store.url} ({exc.strerror or exc}); choose a writable output path with --out") from None
+    return done
+
+
+def _remove_uncommitted(store: Store, done: set[int]) -> None:
+    """Tar and Parquet files without a commit do not exist for readers of the contract, but a `*.tar`
+    glob would still see them: remove them."""
+    for folder, suffix in (("shards", ".tar"), ("index", ".parquet")):
+        for name in store.list(folder):
+            stem = name.removesuffix(suffix)
+            if name.endswith(suffix) and stem.isdigit() and int(stem) not in done:
+                store.remove(f"{folder}/{name}")
+
+
+def _run_record(config, plan, counts, fingerprints, model_info, previous: dict) -> dict:
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return {
+        "format_version": FORMAT_VERSION,
+        "dreamshard": __version__,
+        "created": previous.get("created", now),
+        "updated": now,
+        "fingerprint": _digest(fingerprints),
+        "fingerprints": fingerprints,
+        "num_samples": config.run.num_samples,
+        "samples_per_shard": config.output.samples_per_shard,
+        "num_shards": len(counts),
+        "image_format": config.output.image_format,
+        "layout": {"shards": "shards/{shard:06d}.tar", "index": "index/{shard:06d}.parquet",
+                   "marker": "index/{shard:06d}.commit.json", "manifest": "manifest.parquet", "sizes": "shards/sizes.json"},
+        "model": model_info,
+        "plan": plan.describe(),
+        "config": config.model_dump(mode="json"),
+        "versions": _versions(),
+    }  # fmt: skip
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "dreamshard": __version__}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class _Worker:
+    actor: Any
+    name: str
+    start_ref: Any = None  # pending until the pipeline is loaded
+    shard: int | None = None
+    task_ref: Any = None
+    task_started: float = 0.0
+    progress_ref: Any = None
+    progress_asked: float = 0.0
+    images: int = 0  # generated so far in its current shard
+    timed_out: bool = False
+
+
+class _Driver:
+    """Hands shards to workers, replaces dead ones, retries failed shards a bounded number of times."""
+
+    def __init__(self, config: GenerateConfig, store: Store, plan: Plan, counts: list[int], todo: list[int],
+                 model_info: dict, started: float, conditioner=None) -> None:  # fmt: skip
+        import ray
+
+        self.ray, self.config, self.store, self.plan, self.counts = ray, config, store, plan, counts
+        self.model_info, self.started, self.conditioner = model_info, started, conditioner
+        self.queue: deque[int] = deque(todo)
+        self.attempts: dict[int, int] = {}
+        self.failed: dict[int, str] = {}
+        self.committed: dict[int, dict] = {}
+        self.images_committed = self.retries = self.failed_workers = 0
+        self.first_image_seconds: float | None = None
+        self.generation_started: float | None = None
+        self.generation_seconds = 0.0
+        self.all_ready: tuple[float, int] | None = None  # (when, images so far) once the first wave is up
+        self.steady_images_per_s = 0.0
+        self.workers: list[_Worker] = []
+        self._names, self._run_id = 0, uuid.uuid4().hex[:8]
+        self._options, self._threads, self._size = self._actor_options(len(todo))
+        self.restarts_left = self._size * (config.run.max_shard_retries + 1)
+        for _ in range(self._size):
+            self._start_worker()
+
+    def run(self, progress: "_ProgressReport") -> None:
+        try:
+            while self.queue or any(worker.shard is not None for worker in self.workers):
+                self._dispatch()
+                if not self.workers and not self._replace():
+                    self._fail_queued("no worker left (they kept dying; see the Ray logs in /tmp/ray/session_latest/logs)")
+                    break
+                self._wait_and_handle()
+                self._check_timeouts()
+                self._poll_progress()
+                progress.update(self)
+        finally:
+            now = time.perf_counter()
+            if self.generation_started is not None:
+                self.generation_seconds = now - self.generation_started
+            if self.all_ready is not None and now > self.all_ready[0]:
+                self.steady_images_per_s = (self.images_committed - self.all_ready[1]) / (now - self.all_ready[0])
+            for worker in self.workers:
+                self.ray.kill(worker.actor, no_restart=True)
+            self.workers.clear()
+
+    @property
+    def images_in_flight(self) -> int:
+        return sum(worker.images for worker in self.workers if worker.shard is not None)
+
+    # ------------------------------------------------------------------------------------ workers
+
+    def _actor_options(self, shards: int) -> tuple[dict, int | None, int]:
+        """Ray options, torch threads and count of the workers: one per GPU (fractions allowed), or
+        `run.workers` single-CPU workers when the cluster has no GPU (or model.device is cpu)."""
+        run = self.config.run
+        gpus = 0.0 if self.config.model.device == "cpu" else self.ray.cluster_resources().get("GPU", 0.0)
+        options = {"num_cpus": 1, "max_concurrency": 2, "max_restarts": 0, "max_task_retries": 0}
+        if gpus >= run.gpus_per_worker:
+            size, threads = int(gpus // run.gpus_per_worker + 1e-9), None
+            options["num_gpus"] = run.gpus_per_worker
+        else:
+            size, threads = run.workers, run.torch_threads
+        return options, threads, max(1, min(size, shards))
+
+    def _start_worker(self) -> None:
+        name = f"w{self._names}"
+        self._names += 1
+        # Named so operators (and tests) can find a run's workers: `ray list actors`, ray.get_actor(name).
+        options = {**self._options, "name": f"{ACTOR_PREFIX}{self._run_id}-{name}"}
+        actor = self.ray.remote(GenerationWorker).options(**options).remote(
+            self.config, self.store.root if self.store.is_local else self.store.url, name, self.model_info, self._threads, self.conditioner
+        )
+        self.workers.append(_Worker(actor=actor, name=name, start_ref=actor.ready.remote()))
+
+    def _replace(self) -> bool:
+        if self.restarts_left <= 0 or not (self.queue or self.workers):
+            return False
+        self.restarts_left -= 1
+        self._start_worker()
+        return True
+
+    def _lose(self, worker: _Worker, reason: str) -> None:
+        """A worker died: count it, re-queue its shard, start a replacement if there is work left."""
+        self.failed_workers += 1
+        self.workers.remove(worker)
+        self.ray.kill(worker.actor, no_restart=True)
+        log.warning("worker %s died (%s)", worker.name, reason)
+        if worker.shard is not None:
+            self._shard_failed(worker.shard, f"worker died: {reason}")
+        if self.queue:
+            self._replace()
+
+    # ------------------------------------------------------------------------------------- shards
+
+    def _dispatch(self) -> None:
+        for worker in self.workers:
+            if worker.start_ref is None and worker.shard is None and self.queue:
+                shard = self.queue.popleft()
+                start = shard * self.config.output.samples_per_shard
+                specs = self.plan.specs(start, start + self.counts[shard])
+                worker.shard, worker.images, worker.timed_out = shard, 0, False
+                worker.task_started = time.perf_counter()
+                worker.task_ref = worker.actor.generate_shard.remote(shard, specs)
+                self.attempts[shard] = self.attempts.get(shard, 0) + 1
+
+    def _shard_failed(self, shard: int, reason: str) -> None:
+        if self.attempts[shard] <= self.config.run.max_shard_retries:
+            self.retries += 1
+            self.queue.appendleft(shard)
+            log.warning("shard %d failed (%s); retry %d of %d", shard, reason, self.attempts[shard], self.config.run.max_shard_retries)
+        else:
+            self.failed[shard] = reason
+            log.error("shard %d failed %d times, giving up (%s)", shard, self.attempts[shard], reason)
+
+    def _fail_queued(self, reason: str) -> None:
+        while self.queue:
+            self.failed[self.queue.popleft()] = reason
+
+    # ------------------------------------------------------------------------------------- events
+
+    def _wait_and_handle(self) -> None:
+        pending = {}
+        for worker in self.workers:
+            if worker.start_ref is not None:
+                pending[worker.start_ref] = worker
+            elif worker.task_ref is not None:
+                pending[worker.task_ref] = worker
+        if not pending:
+            return
+        ready, _ = self.ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
+        if ready:
+            ready, _ = self.ray.wait(list(pending), num_returns=len(pending), timeout=0)
+        for ref in ready:
+            worker = pending[ref]
+            if ref is worker.start_ref:
+                self._on_started(worker, ref)
+            else:
+                self._on_finished(worker, ref)
+        if self.generation_started is None and time.perf_counter() - self.started > self.config.run.worker_start_timeout_s:
+            raise UserError(
+                f"no worker started within {self.config.run.worker_start_timeout_s:.0f} s; the cluster may lack "
+                f"the resources asked for ({self._options}); check `ray status`"
+            )
+
+    def _on_started(self, worker: _Worker, ref) -> None:
+        from ray.exceptions import RayActorError
+
+        try:
+            self.ray.get(ref)
+        except RayActorError as exc:
+            self._lose(worker, _first_line(exc))
+            return
+        except UserError as exc:
+            raise UserError(str(getattr(exc, "cause", exc))) from None
+        except Exception as exc:  # the pipeline failed to load: the same will happen on every worker
+            raise UserError(f"worker could not load the model: {_first_line(getattr(exc, 'cause', exc))}") from None
+        worker.start_ref = None
+        if self.generation_started is None:
+            self.generation_started = time.perf_counter()
+        if self.all_ready is None and self._names >= self._size and all(w.start_ref is None for w in self.workers):
+            self.all_ready = (time.perf_counter(), self.images_committed + self.images_in_flight)
+
+    def _on_finished(self, worker: _Worker, ref) -> None:
+        from ray.exceptions import RayActorError
+
+        shard = worker.shard
+        try:
+            marker = self.ray.get(ref)
+        except RayActorError as exc:
+            self._lose(worker, "timed out" if worker.timed_out else _first_line(exc))
+            return
+        except UserError as exc:  # full disk, unwritable output: stop, the user must act
+            raise UserError(str(getattr(exc, "cause", exc))) from None
+        except Exception as exc:
+            worker.shard, worker.task_ref = None, None
+            self._shard_failed(shard, _first_line(getattr(exc, "cause", exc)))
+            return
+        worker.shard, worker.task_ref = None, None
+        if marker["count"] != self.counts[shard]:
+            self._shard_failed(shard, f"committed {marker['count']} samples, expected {self.counts[shard]}")
+            return
+        self.committed[shard] = marker
+        self.images_committed += marker["count"]
+        self._saw_image()
+
+    def _check_timeouts(self) -> None:
+        limit = self.config.run.shard_timeout_s
+        if not limit:
+            return
+        for worker in self.workers:
+            if worker.shard is not None and not worker.timed_out and time.perf_counter() - worker.task_started > limit:
+                worker.timed_out = True  # killing it makes its task fail with RayActorError, handled as a death
+                self.ray.kill(worker.actor, no_restart=True)
+
+    def _poll_progress(self) -> None:
+        now = time.perf_counter()
+        for worker in self.workers:
+            if worker.progress_ref is not None:
+                ready, _ = self.ray.wait([worker.progress_ref], timeout=0)
+                if ready:
+                    try:
+                        worker.images = self.ray.get(worker.progress_ref)
+                    except Exception:  # a dying worker; its shard result says what happened
+                        pass
+                    worker.progress_ref = None
+                    if worker.images and worker.shard is not None:
+                        self._saw_image()
+            elif worker.shard is not None and now - worker.progress_asked > PROGRESS_SECONDS:
+                worker.progress_ref, worker.progress_asked = worker.actor.progress.remote(), now
+
+    def _saw_image(self) -> None:
+        if self.first_image_seconds is None:
+            self.first_image_seconds = time.perf_counter() - self.started
+
+
+# --------------------------------------------------------------------------------------------- progress
+
+
+class _ProgressReport:
+    """Rich progress: images done/total, images/s, ETA, shards, retries, failed workers."""
+
+    def __init__(self, progress: Progress | None, total: int, skipped: int) -> None:
+        self.progress, self.skipped = progress, skipped
+        self.task = progress.add_task("generate", total=total, completed=skipped, rate="", shards="", retries=0, failed=0) if progress else None
+
+    def update(self, driver: _Driver) -> None:
+        if self.progress is None:
+            return
+        images = driver.images_committed + driver.images_in_flight
+        elapsed = time.perf_counter() - driver.generation_started if driver.generation_started else 0.0
+        rate = f"{images / elapsed:.1f} img/s" if elapsed > 0 else "starting workers"
+        shards = f"{len(driver.committed)}/{len(driver.committed) + len(driver.queue) + len(driver.failed) + sum(w.shard is not None for w in driver.workers)} shards"
+        self.progress.update(self.task, completed=self.skipped + images, rate=rate, shards=shards,
+                             retries=driver.retries, failed=driver.failed_workers)  # fmt: skip
+
+
+@contextmanager
+def _progress_display(show: bool, total: int, skipped: int) -> Iterator[_ProgressReport]:
+    if not show:
+        yield _ProgressReport(None, total, skipped)
+        return
+    columns = (
+        TextColumn("[bold]generate"), BarColumn(bar_width=20), MofNCompleteColumn(), TextColumn("images · {task.fields[rate]} · ETA"),
+        TimeRemainingColumn(), TextColumn("· {task.fields[shards]} · {task.fields[retries]} retries · {task.fields[failed]} failed workers"),
+    )  # fmt: skip
+    with Progress(*columns, console=console, transient=False) as progress:
+        yield _ProgressReport(progress, total, skipped)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+

@@ -1,0 +1,174 @@
+"""The generation worker: one per GPU (or CPU slot), holding the pipeline, turning whole shards of sample
+specs into committed shards. `run.py` wraps `GenerationWorker` as a Ray actor; it is a plain class, so it
+also runs in-process (benchmarks, debugging).
+
+Generation and writing overlap: the caller's thread runs the pipeline batch after batch while a writer
+thread encodes images and appends them to the tar (a bounded queue between them keeps memory flat).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+from dreamshard.config import GenerateConfig
+from dreamshard.engine.conditioned import Conditioner
+from dreamshard.engine.models import load_pipeline
+from dreamshard.engine.plan import SampleSpec
+from dreamshard.engine.writer import ShardSample, ShardWriter, Store
+from dreamshard.errors import UserError
+
+
+# ------------------------------------------------------------------------------------ per-mode generation
+
+
+def txt2img(pipe, specs: list[SampleSpec]) -> list[ShardSample]:
+    """One pipeline call for specs sharing (steps, guidance, size); each sample draws its noise from its
+    own CPU generator seeded from the plan, so its image does not depend on its batch neighbours (and is
+    the same on any device)."""
+    first = specs[0]
+    result = pipe(
+        prompt=[spec.prompt for spec in specs],
+        negative_prompt=[spec.negative_prompt for spec in specs],
+        num_inference_steps=first.steps,
+        guidance_scale=first.guidance_scale,
+        width=first.width,
+        height=first.height,
+        generator=[torch.Generator("cpu").manual_seed(spec.seed) for spec in specs],
+        output_type="pil",
+    )
+    return [ShardSample(metadata=spec.metadata(), image=image) for spec, image in zip(specs, result.images)]
+
+
+# mode -> (pipe, specs with one (steps, guidance, size)) -> samples (image, extra files such as seg.png, and
+# metadata incl. source_key). Conditioned modes add their function here.
+GENERATORS: dict[str, Callable[..., list[ShardSample]]] = {"txt2img": txt2img}
+
+
+def batches(specs: list[SampleSpec], batch_size: int) -> Iterator[list[SampleSpec]]:
+    """Batches of specs that one pipeline call can take (same steps, guidance and size), in plan order
+    within each group."""
+    groups: dict[tuple, list[SampleSpec]] = {}
+    for spec in specs:
+        groups.setdefault((spec.steps, spec.guidance_scale, spec.width, spec.height), []).append(spec)
+    for group in groups.values():
+        for start in range(0, len(group), batch_size):
+            yield group[start : start + batch_size]
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+class GenerationWorker:
+    """Loads the pipeline once, then generates and commits whole shards."""
+
+    def __init__(
+        self, config: GenerateConfig, out: str, name: str, model_info: dict, torch_threads: int | None = None,
+        conditioner: Conditioner | None = None,  # img2img / controlnet_seg: its generate() is the per-mode function
+    ) -> None:
+        self.config, self.store, self.name = config, Store(out), f"{name}@{socket.gethostname()}"
+        self.images_done = 0  # in the current shard, for the driver's progress
+        self._load_error: Exception | None = None
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self._generate_batch = conditioner.generate if conditioner else GENERATORS.get(config.mode)
+        if self._generate_batch is None:
+            self._load_error = UserError(f"mode {config.mode!r} is not implemented yet; use one of {', '.join(GENERATORS)}")
+            return
+        try:
+            self.pipe = load_pipeline(config.model, config.mode)
+        except Exception as exc:  # surfaced by ready(): the driver stops instead of restarting a doomed worker
+            self._load_error = exc
+            return
+        self._fields = {
+            "scheduler": config.model.scheduler or type(self.pipe.scheduler).__name__,
+            "model": model_info,
+            "mode": config.mode,
+            "source_key": "",
+            "worker": self.name,
+        }
+
+    def ready(self) -> str:
+        if self._load_error is not None:
+            raise self._load_error
+        return self.name
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def progress(self) -> int:
+        return self.images_done
+
+    def generate_shard(self, shard: int, specs: list[SampleSpec]) -> dict:
+        """Generate `specs` into shard `shard` and commit it; returns the shard's marker."""
+        self.images_done = 0
+        output = self.config.output
+        try:
+            with ShardWriter(self.store, shard, output.image_format, output.quality) as writer:
+                writer.expect([spec.index for spec in specs])
+                pending = _WriterThread(writer, capacity=2 * self.config.run.batch_size)
+                try:
+                    for sample in self._generate(specs):
+                        pending.put(sample)
+                finally:
+                    pending.close()
+                return writer.commit({"worker": self.name})
+        except OSError as exc:  # full disk, permissions: the user must act, retrying will not help
+            raise UserError(f"cannot write shard {shard} to {self.store.url}: {exc.strerror or exc}") from None
+
+    def _generate(self, specs: list[SampleSpec]) -> Iterator[ShardSample]:
+        generate = self._generate_batch
+        for batch in batches(specs, self.config.run.batch_size):
+            started = time.perf_counter()
+            samples = generate(self.pipe, batch)
+            seconds = round((time.perf_counter() - started) / len(batch), 4)
+            for sample in samples:
+                # Every style axis in every sample (null where the template does not print it): readers that
+                # infer a schema from the first samples (HF datasets) would otherwise drop later axes.
+                style = {axis: sample.metadata["style"].get(axis) for axis in self.config.prompts.styles}
+                sample.metadata = {**self._fields, **sample.metadata, "style": style, "seconds": seconds}  # a mode may set source_key
+                yield sample
+            self.images_done += len(batch)
+
+
+class _WriterThread:
+    """Feeds samples to a ShardWriter on a background thread through a bounded queue."""
+
+    def __init__(self, writer: ShardWriter, capacity: int) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=max(capacity, 1))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(writer,), name="shard-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, sample: ShardSample) -> None:
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                self._queue.put(sample, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Wait until everything queued is written; re-raise the writer's error if it had one."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self, writer: ShardWriter) -> None:
+        try:
+            for sample in iter(self._queue.get, None):
+                writer.add(sample)
+        except BaseException as exc:  # noqa: BLE001 - handed to the generating thread
+            self._error = exc
+            for _ in iter(self._queue.get, None):  # drain so the generating thread never blocks on put
+                pass

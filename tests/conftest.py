@@ -1,0 +1,40 @@
+"""Shared fixtures: one tiny model and one local Ray cluster per test session (each costs seconds)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A `tiny` random-weight pipeline directory (64x64 images), built once."""
+    from dreamshard.engine.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("shared-models") / "tiny-sd", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> str:
+    """A local Ray (loopback only, no dashboard, small object store) shared by every test that asks for
+    it; yields the GCS address, so subprocesses can join it with `--address`. 4 logical CPUs on purpose:
+    two 1-CPU workers plus room for a replacement or a test's own task on a 2-core machine."""
+    import ray
+
+    if ray.is_initialized():  # started by a test module of its own: share it, leave its shutdown to it
+        yield ray.get_runtime_context().gcs_address
+        return
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    context = ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        object_store_memory=128 << 20,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
+    yield context.address_info["gcs_address"]
+    ray.shutdown()

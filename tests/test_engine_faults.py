@@ -1,0 +1,128 @@
+"""Faults: a worker SIGKILLed mid-run, a shard that keeps failing, a driver SIGKILLed and re-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from typer.testing import CliRunner
+
+from dreamshard.cli import app
+from dreamshard.config import GenerateConfig
+from dreamshard.engine.manifest import manifest_rows, read_manifest
+from dreamshard.engine.run import ACTOR_PREFIX, generate
+from dreamshard.engine.tools import verify_dataset
+
+pytestmark = pytest.mark.slow
+
+
+def make_config(model: Path, out: Path, num_samples: int, per_shard: int, **run) -> GenerateConfig:
+    return GenerateConfig.model_validate(
+        {
+            "model": {"path": str(model), "device": "cpu"},
+            "prompts": {"classes": ["car", "bus"], "templates": [{"text": "a photo of a {token} {cls}"}]},
+            "sampling": {"width": 64, "height": 64, "steps": 2, "guidance_scale": 5.0},
+            "output": {"path": str(out), "samples_per_shard": per_shard},
+            "run": {"num_samples": num_samples, "batch_size": 4, "workers": 2, **run},
+        }
+    )
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def markers(out: Path) -> list[Path]:
+    return sorted((out / "index").glob("*.commit.json")) if (out / "index").is_dir() else []
+
+
+def worker_names(all_namespaces: bool = False) -> list[str]:
+    names = ray.util.list_named_actors(all_namespaces=all_namespaces)
+    names = [entry["name"] if isinstance(entry, dict) else entry for entry in names]
+    return [name for name in names if name.startswith(ACTOR_PREFIX)]
+
+
+def assert_every_sample_once(out: Path, num_samples: int) -> None:
+    assert verify_dataset(out) == []
+    keys = [row["key"] for row in manifest_rows(read_manifest(out))]
+    assert keys == [f"{i:09d}" for i in range(num_samples)]
+
+
+def test_worker_killed_mid_run_is_replaced_and_its_shard_redone(ray_cluster, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    config = make_config(tiny_model, out, num_samples=80, per_shard=10, max_shard_retries=2)
+    killed: list[int] = []
+
+    def kill_one_worker() -> None:
+        wait_for(lambda: markers(out), 300, "a first committed shard")
+        name = wait_for(worker_names, 30, "a named worker")[0]
+        pid = ray.get(ray.get_actor(name).pid.remote(), timeout=30)
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    killer = threading.Thread(target=kill_one_worker, daemon=True)
+    killer.start()
+    summary = generate(config, show_progress=False)
+    killer.join(timeout=5)
+    assert killed, "the test did not get to kill a worker"
+    assert summary.ok and summary.failed_workers >= 1 and summary.shards_generated == 8
+    assert_every_sample_once(out, 80)
+
+
+def test_shard_that_keeps_failing_is_reported_and_exits_1(ray_cluster, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    # A shard time limit far below what one shard takes: the attempt is killed, no retries allowed.
+    config = make_config(tiny_model, out, num_samples=20, per_shard=20, workers=1, max_shard_retries=0, shard_timeout_s=0.05)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(json.dumps(config.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["generate", str(config_file)])  # reuses this process's Ray
+    assert result.exit_code == 1, result.output
+    assert "shard 0" in result.output and "timed out" in result.output and "Traceback" not in result.output
+    assert not (out / "manifest.parquet").exists() and not list((out / "shards").glob("*.tar"))
+    assert any("not committed" in problem for problem in verify_dataset(out))
+
+
+def test_driver_killed_then_rerun_resumes_without_redoing_committed_shards(ray_cluster, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    config = make_config(tiny_model, out, num_samples=60, per_shard=10, workers=1)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(json.dumps(config.model_dump(mode="json")))
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "dreamshard", "-q", "generate", str(config_file), "--address", ray_cluster],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for(lambda: markers(out) or driver.poll() is not None, 300, "a committed shard")
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    assert driver.returncode == -signal.SIGKILL, driver.stderr.read().decode()[-2000:]
+    # Ray kills a dead driver's workers; wait so none commits a shard behind the snapshot below.
+    wait_for(lambda: not worker_names(all_namespaces=True), 60, "the killed driver's workers to exit")
+    committed = {path.name: json.loads(path.read_text())["shard"] for path in markers(out)}
+    assert 1 <= len(committed) < 6
+    tars = {shard: (out / "shards" / f"{shard:06d}.tar").stat() for shard in committed.values()}
+
+    summary = generate(config, show_progress=False)
+
+    assert summary.ok and summary.shards_skipped == len(committed) and summary.shards_generated == 6 - len(committed)
+    for shard, stat in tars.items():  # committed shards were not regenerated
+        now = (out / "shards" / f"{shard:06d}.tar").stat()
+        assert (now.st_ino, now.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    assert not list(out.rglob("*.partial"))
+    assert_every_sample_once(out, 60)

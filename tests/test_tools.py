@@ -1,0 +1,138 @@
+"""Shard writer and dataset tools without Ray: commit protocol, fsspec stores, inspect / verify / preview."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import uuid
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+from typer.testing import CliRunner
+
+from dreamshard.cli import app
+from dreamshard.engine.manifest import committed_shards, manifest_rows, read_manifest, write_dataset
+from dreamshard.engine.tools import inspect_dataset, preview_grid, read_shard, verify_dataset
+from dreamshard.engine.writer import JSON_FIELDS, ShardSample, ShardWriter, Store, write_shard
+
+CLASSES = ["car", "bus", "truck"]
+
+
+def samples(n: int, seg: bool = False) -> list[ShardSample]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        image = Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8))
+        meta = {"index": i, "prompt": f"a photo of a {CLASSES[i % 3]}", "class_name": CLASSES[i % 3], "class_id": i % 3,
+                "template": "a photo of a {cls}", "style": {"weather": "rainy" if i % 2 else "sunny"}, "seed": 1000 + i}  # fmt: skip
+        files = {"seg.png": Image.fromarray(np.full((32, 48), i % 19, dtype=np.uint8), mode="L")} if seg else {}
+        out.append(ShardSample(meta, image, files))
+    return out
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    write_dataset(tmp_path / "ds", samples(25, seg=True), samples_per_shard=10, image_format="png")
+    return tmp_path / "ds"
+
+
+def test_written_dataset_is_complete_and_readable(dataset):
+    assert verify_dataset(dataset) == []
+    read = list(wds.WebDataset(sorted(str(p) for p in (dataset / "shards").glob("*.tar")), shardshuffle=False))
+    assert [s["__key__"] for s in read] == [f"{i:09d}" for i in range(25)]
+    first = json.loads(read[0]["json"])
+    assert tuple(first) == JSON_FIELDS and first["shard"] == 0 and first["width"] == 48 and first["height"] == 32
+    assert Image.open(io.BytesIO(read[3]["seg.png"])).mode == "L"
+    assert json.loads((dataset / "shards" / "sizes.json").read_text()) == {"000000.tar": 10, "000001.tar": 10, "000002.tar": 5}
+    rows = manifest_rows(read_manifest(dataset))
+    assert [r["index"] for r in rows] == list(range(25)) and rows[1]["style"] == {"weather": "rainy"}
+
+
+def test_inspect_counts_classes_templates_and_style_axes(dataset):
+    info = inspect_dataset(dataset)
+    assert (info.samples, info.shards, info.planned_shards) == (25, 3, 3)
+    assert info.counts["class"] == {"car": 9, "bus": 8, "truck": 8}
+    assert info.counts["style: weather"] == {"sunny": 13, "rainy": 12}
+    assert info.bytes == sum(p.stat().st_size for p in (dataset / "shards").glob("*.tar"))
+    result = CliRunner().invoke(app, ["inspect", str(dataset)])
+    assert result.exit_code == 0 and "truck" in result.output and "weather" in result.output
+
+
+def test_preview_writes_a_captioned_grid(dataset, tmp_path):
+    grid = Image.open(preview_grid(dataset, count=9, output=tmp_path / "grid.png", tile=64))
+    assert grid.width == 3 * 64 and grid.height > 3 * 64  # 3x3 tiles plus caption rows
+    result = CliRunner().invoke(app, ["preview", str(dataset), "-n", "4", "-o", str(tmp_path / "g2.png")])
+    assert result.exit_code == 0 and (tmp_path / "g2.png").is_file()
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("drop_marker", "shard 1: not committed"),
+    ("append_to_tar", "shard 2: not committed"),
+    ("stray_tar", "a tar without a commit"),
+    ("partial", "partial file"),
+    ("drop_manifest", "manifest.parquet missing"),
+    ("edit_manifest_sizes", "sizes.json"),
+])  # fmt: skip
+def test_verify_names_each_problem_and_the_cli_exits_1(dataset, damage, expected):
+    shards, index = dataset / "shards", dataset / "index"
+    if damage == "drop_marker":
+        (index / "000001.commit.json").unlink()
+    elif damage == "append_to_tar":
+        with open(shards / "000002.tar", "ab") as fh:
+            fh.write(b"\0" * 512)
+    elif damage == "stray_tar":
+        shutil.copy(shards / "000000.tar", shards / "000007.tar")
+    elif damage == "partial":
+        (shards / "000001.tar.abcd.partial").write_bytes(b"half")
+    elif damage == "drop_manifest":
+        (dataset / "manifest.parquet").unlink()
+    else:
+        (shards / "sizes.json").write_text('{"000000.tar": 3}')
+    problems = verify_dataset(dataset)
+    assert any(expected in problem for problem in problems), problems
+    result = CliRunner().invoke(app, ["verify", str(dataset)])
+    assert result.exit_code == 1 and expected in result.output
+
+
+def test_verify_catches_duplicate_and_misplaced_keys(tmp_path):
+    items = samples(6)
+    items[4].metadata["index"] = 3  # a duplicate key inside shard 0
+    write_dataset(tmp_path / "dup", items, samples_per_shard=6)
+    problems = verify_dataset(tmp_path / "dup")
+    assert any("duplicate" in p for p in problems) and any("in order" in p for p in problems)
+
+
+def test_failed_writer_leaves_nothing_and_rewrite_uncommits_first(tmp_path):
+    store = Store(tmp_path / "ds")
+    write_shard(store.url, 0, samples(3))
+    before = committed_shards(store, 3)[0]
+    with pytest.raises(ValueError, match="same fields"), ShardWriter(store, 0) as writer:
+        for sample in samples(2) + samples(1, seg=True):  # the field set changes mid-shard
+            writer.add(sample)
+    # the failed rewrite removed the old marker first and its partial tar: shard 0 no longer exists
+    assert committed_shards(store, 3) == {} and not list((tmp_path / "ds").rglob("*.partial"))
+    assert before["count"] == 3
+
+
+def test_writer_reorders_to_the_expected_index_order(tmp_path):
+    store = Store(tmp_path / "ds")
+    items = samples(4)
+    with ShardWriter(store, 0) as writer:
+        writer.expect([0, 1, 2, 3])
+        for i in (2, 0, 3, 1):
+            writer.add(items[i])
+        writer.commit()
+    assert [key for key, _ in read_shard(store, 0)] == [f"{i:09d}" for i in range(4)]
+
+
+def test_object_store_urls_upload_whole_files_marker_last(tmp_path):
+    url = f"memory://dreamshard-test-{uuid.uuid4().hex}/run"
+    store = write_dataset(url, samples(12), samples_per_shard=5)
+    assert not store.is_local and sorted(committed_shards(store, 5)) == [0, 1, 2]
+    assert verify_dataset(url) == []
+    assert [key for key, _ in read_shard(store, 2)] == [f"{i:09d}" for i in (10, 11)]
+    assert inspect_dataset(url).samples == 12
+    store.fs.rm(store.root, recursive=True)
