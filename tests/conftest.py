@@ -38,3 +38,15 @@ def ray_cluster() -> str:
     )
     yield context.address_info["gcs_address"]
     ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tests share 2 cores with Ray workers and DataLoader processes; torch's default of one OpenMP thread
+    per core oversubscribes them and runs tiny models many times slower than a single thread does."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

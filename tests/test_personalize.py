@@ -21,15 +21,6 @@ RESOLUTION = 64
 LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out", "q_proj", "k_proj", "v_proj", "out_proj")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread; two threads on two busy shared cores are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny base model and a folder holding one synthetic 'target' image (wider than tall, so it is cropped)."""

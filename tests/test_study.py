@@ -1,9 +1,13 @@
 """Scaling studies: sizes, results table and plot (unit), and a whole study on the toy domain shift."""
 
-import pytest
+from pathlib import Path
 
+import pytest
+import yaml
+
+from dreamshard.config import GenerateConfig, StudyConfig, load_config
 from dreamshard.errors import UserError
-from dreamshard.trainer.study import markdown_table, parse_sizes, write_results
+from dreamshard.trainer.study import available_samples, markdown_table, parse_sizes, run_study, write_results
 
 
 def test_parse_sizes_list_and_log_spaced():
@@ -52,13 +56,6 @@ def test_write_results_writes_four_files(tmp_path):
 
 # ------------------------------------------------------------------------------ end to end (local Ray)
 
-import os  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import yaml  # noqa: E402
-
-from dreamshard.config import GenerateConfig, StudyConfig, load_config  # noqa: E402
-from dreamshard.trainer.study import available_samples, run_study  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

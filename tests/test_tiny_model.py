@@ -56,8 +56,7 @@ def test_same_seed_same_weights_other_seed_differs(tiny, tmp_path):
 
 
 def test_generation_is_deterministic_and_fast(tiny):
-    pipe = load_pipeline(ModelConfig(path=str(tiny)))
-    torch.set_num_threads(1)
+    pipe = load_pipeline(ModelConfig(path=str(tiny)))  # one torch thread (conftest)
 
     def image(seed):
         gen = torch.Generator().manual_seed(seed)

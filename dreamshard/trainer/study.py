@@ -15,7 +15,6 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from dreamshard.config import GenerateConfig, StudyConfig, TrainConfig, apply_overrides, read_yaml, validate
 from dreamshard.errors import UserError
@@ -149,9 +148,13 @@ def _generate_config(config: StudyConfig) -> GenerateConfig:
     if config.data.generate_config:
         return validate(GenerateConfig, read_yaml(config.data.generate_config), config.data.generate_config)
     record_path = Path(config.data.run) / "dreamshard.json"
-    if not record_path.is_file():
-        raise UserError(f"{config.data.run} is not a generated run (no dreamshard.json); set data.generate_config to generate it")
-    return validate(GenerateConfig, json.loads(record_path.read_text())["config"], str(record_path))
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if "config" not in record:
+        raise UserError(
+            f"{config.data.run} was not made by `dreamshard generate`, so it cannot be extended; "
+            "set data.generate_config, or lower the sizes with data.extend: false"
+        )
+    return validate(GenerateConfig, record["config"], str(record_path))
 
 
 # ----------------------------------------------------------------------------------------------- training
