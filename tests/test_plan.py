@@ -14,7 +14,7 @@ import pytest
 
 from dreamshard.config import GenerateConfig, OutputConfig, PromptsConfig, RunConfig, SamplingConfig, load_config
 from dreamshard.engine.plan import SampleSpec, build_plan
-from dreamshard.engine.prompts import CITYSCAPES_CLASSES
+from dreamshard.trainer.labels import CLASSES as CITYSCAPES_CLASSES
 from dreamshard.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

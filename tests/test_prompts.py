@@ -10,13 +10,13 @@ import pytest
 
 from dreamshard.config import PromptsConfig, TemplateConfig
 from dreamshard.engine.prompts import (
-    CITYSCAPES_CLASSES,
     check_classes,
     check_templates,
     placeholders,
     read_prompt_file,
 )
 from dreamshard.errors import UserError
+from dreamshard.trainer.labels import CLASSES as CITYSCAPES_CLASSES
 
 
 def test_cityscapes_classes_in_train_id_order():

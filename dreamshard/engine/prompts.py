@@ -20,12 +20,6 @@ from typing import Any
 from dreamshard.config import PromptsConfig
 from dreamshard.errors import UserError
 
-# The 19 Cityscapes train classes, in train-id order (train id = position).
-CITYSCAPES_CLASSES: tuple[str, ...] = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
-)  # fmt: skip
-
 RESERVED_PLACEHOLDERS = ("token", "cls")
 PROMPT_FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
