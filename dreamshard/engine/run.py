@@ -36,7 +36,7 @@ from dreamshard.engine.manifest import (
     uncommit,
     write_run_record,
 )
-from dreamshard.engine.models import model_fingerprint, resolve_model_path
+from dreamshard.engine.models import model_identity
 from dreamshard.engine.conditioned import conditioner_for
 from dreamshard.engine.plan import Plan, build_plan
 from dreamshard.engine.worker import GenerationWorker
@@ -93,8 +93,7 @@ def generate(
     config = _resolved(config, out, num_samples)
     plan = build_plan(config.prompts, config.sampling, config.run.seed)
     conditioner = conditioner_for(config)  # img2img / controlnet_seg: the source is pre-scanned here
-    base_model, _ = resolve_model_path(config.model)
-    model_info = {"id": config.model.path, "hash": model_fingerprint(base_model)}
+    model_info = model_identity(config.model)  # base pipeline, LoRA and ControlNet by content
     fingerprints = dataset_fingerprints(config, plan, model_info, conditioner)
     store = _choose_output(config.output.path, fingerprints, force_new)
     if store.url != config.output.path:
@@ -139,8 +138,8 @@ def dataset_fingerprints(config: GenerateConfig, plan: Plan, model_info: dict, c
     model = config.model
     parts = {
         "plan": plan.fingerprint,
-        "model": {"hash": model_info["hash"], "scheduler": model.scheduler, "dtype": model.dtype, "lora": model.lora,
-                  "lora_scale": model.lora_scale, "controlnet": model.controlnet, "mode": config.mode},
+        "model": {"hash": model_info["hash"], "scheduler": model.scheduler, "dtype": model.dtype, "lora": model_info["lora"],
+                  "lora_scale": model.lora_scale, "controlnet": model_info["controlnet"], "mode": config.mode},
         "layout": {"samples_per_shard": config.output.samples_per_shard, "image_format": config.output.image_format,
                    "quality": config.output.quality},
     }  # fmt: skip
