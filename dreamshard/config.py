@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dreamshard.errors import ConfigError
+from dreamshard.errors import ConfigError, one_line
 
 
 class Strict(BaseModel):
@@ -423,7 +423,7 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[list[s
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML ({_first_line(exc)})") from None
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({one_line(exc)})") from None
         parsed.append((key.split("."), value))
     return parsed
 
@@ -451,7 +451,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({_first_line(exc)})") from None
+        raise ConfigError(f"{path}: not valid YAML ({one_line(exc)})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config ({exc})") from None
     if data is None:
@@ -522,7 +522,3 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dreamshard.config import ModelConfig
-from dreamshard.errors import UserError
+from dreamshard.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def load_base_pipeline(path: str, model: ModelConfig, dtype: torch.dtype):
     except (OSError, ValueError) as exc:
         where = "in the local Hugging Face cache (model.local_files_only is true)" if model.local_files_only else "on the hub"
         raise UserError(
-            f"cannot load model {path!r}: not found or incomplete {where} ({_first_line(exc)}); "
+            f"cannot load model {path!r}: not found or incomplete {where} ({one_line(exc)}); "
             "download it on a machine with access or point model.path at a local pipeline directory"
         ) from None
 
@@ -194,7 +194,7 @@ def _apply_lora(pipe, lora_path: str, scale: float) -> None:
         else:
             pipe.load_lora_weights(str(path.parent), weight_name=path.name)
     except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"cannot apply LoRA weights {lora_path}: {_first_line(exc)}") from None
+        raise UserError(f"cannot apply LoRA weights {lora_path}: {one_line(exc)}") from None
     # Fusing folds the LoRA into the base weights once, so generation pays nothing per step.
     pipe.fuse_lora(lora_scale=scale)
     pipe.unload_lora_weights()
@@ -224,11 +224,6 @@ def _for_mode(pipe, mode: str, model: ModelConfig, dtype: torch.dtype):
     try:
         controlnet = ControlNetModel.from_pretrained(model.controlnet, dtype=dtype, local_files_only=model.local_files_only)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load ControlNet {model.controlnet!r}: {_first_line(exc)}") from None
+        raise UserError(f"cannot load ControlNet {model.controlnet!r}: {one_line(exc)}") from None
     components = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
     return StableDiffusionControlNetPipeline(**components, controlnet=controlnet)
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__

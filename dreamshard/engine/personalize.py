@@ -35,7 +35,7 @@ from PIL import Image
 
 from dreamshard.config import PersonalizeConfig, dump_config
 from dreamshard.engine.models import LORA_MANIFEST, load_base_pipeline, load_pipeline, resolve_model_path
-from dreamshard.errors import UserError
+from dreamshard.errors import UserError, one_line
 from dreamshard.logs import console
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ def _accelerator(mixed_precision: str, gradient_accumulation: int):
     try:
         return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation)
     except ValueError as exc:
-        raise UserError(f"train.mixed_precision {mixed_precision!r} is not available here ({_first_line(exc)}); use no or auto") from None
+        raise UserError(f"train.mixed_precision {mixed_precision!r} is not available here ({one_line(exc)}); use no or auto") from None
 
 
 def _make_trainable(pipe, config: PersonalizeConfig) -> dict[str, torch.nn.Module]:
@@ -534,8 +534,3 @@ def _progress_bar(total: int, completed: int, enabled: bool):
     )
     with Progress(*columns, console=console, disable=not enabled) as progress:
         yield progress, progress.add_task("train", total=total, completed=completed, loss=float("nan"), rate=0.0)
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dreamshard.config import GenerateConfig, StudyConfig, TrainConfig, apply_overrides, read_yaml, validate
-from dreamshard.errors import UserError
+from dreamshard.errors import UserError, one_line
 from dreamshard.logs import console
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def _train_all(config: StudyConfig, base: dict, todo: list[StudyRun], out: Path,
                 try:
                     row = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - a failed run is reported, the others go on
-                    summary.failed[run.run_id] = _first_line(exc)
+                    summary.failed[run.run_id] = one_line(exc, last=True)
                     log.error("study run %s failed after %d retries: %s", run.run_id, config.max_retries, summary.failed[run.run_id])
                 else:
                     summary.trained.append(run.run_id)
@@ -346,8 +346,3 @@ class _progress:
         if self.show:
             best_text = f", best so far {best[0]} mIoU {100 * best[1]:.2f}" if best else ""
             console.print(f"study: {done}/{self.total} runs done ({time.perf_counter() - self.started:.0f} s){best_text}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[-1][:300] if text else type(exc).__name__
