@@ -76,7 +76,8 @@ class Augment:
             pixels = pixels[:, ::-1]
             label = label[:, ::-1] if label is not None else None
         image_t = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
-        return image_t, (torch.from_numpy(np.ascontiguousarray(label)) if label is not None else None)
+        # np.array copies: crops of PIL-backed arrays are read-only, and torch must not share them.
+        return image_t, (torch.from_numpy(np.array(label)) if label is not None else None)
 
     def crop_origin(self, size: tuple[int, int], label: np.ndarray | None, rng: np.random.Generator, focus: int | None, min_focus: int) -> tuple[int, int]:
         (h, w), (ch, cw) = size, self.crop
@@ -355,7 +356,7 @@ class EvalSet(Dataset):
             label = np.asarray(Image.open(io.BytesIO(item[LABEL_KEY])))
         if self.resize and image.size != tuple(self.resize):
             image = image.resize(tuple(self.resize), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()), torch.from_numpy(np.ascontiguousarray(label))
+        return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()), torch.from_numpy(np.array(label))
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, where: str) -> None:
