@@ -346,6 +346,7 @@ class TrainConfig(Strict):
     resume: bool = True  # continue from the newest checkpoint in output/checkpoints
     device: str = "auto"  # auto: the local cuda device if available, else cpu
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on cuda, fp32 on cpu
+    threads: int | None = Field(None, ge=1)  # torch CPU threads per rank; None: torch's default (one per core)
     progress: bool = True
     data: TrainDataConfig = TrainDataConfig()
     model: TrainModelConfig = TrainModelConfig()

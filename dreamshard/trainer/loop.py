@@ -227,6 +227,8 @@ def runtime(config: TrainConfig) -> Runtime:
         device = torch.device(config.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     precision = config.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
