@@ -62,9 +62,8 @@ def assert_every_sample_once(out: Path, num_samples: int) -> None:
     assert keys == [f"{i:09d}" for i in range(num_samples)]
 
 
-def test_worker_killed_mid_run_is_replaced_and_its_shard_redone(ray_cluster, tiny_model, tmp_path):
-    out = tmp_path / "run"
-    config = make_config(tiny_model, out, num_samples=80, per_shard=10, max_shard_retries=2)
+def generate_killing_a_worker(config: GenerateConfig, out: Path):
+    """Run `config`, SIGKILLing one worker as soon as the first shard is committed."""
     killed: list[int] = []
 
     def kill_one_worker() -> None:
@@ -79,8 +78,23 @@ def test_worker_killed_mid_run_is_replaced_and_its_shard_redone(ray_cluster, tin
     summary = generate(config, show_progress=False)
     killer.join(timeout=5)
     assert killed, "the test did not get to kill a worker"
-    assert summary.ok and summary.failed_workers >= 1 and summary.shards_generated == 8
+    return summary
+
+
+def test_worker_killed_mid_run_is_replaced_and_its_shard_redone(ray_cluster, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    summary = generate_killing_a_worker(make_config(tiny_model, out, num_samples=80, per_shard=10, max_shard_retries=2), out)
+    assert summary.ok and summary.failed_workers >= 1 and summary.shards_generated == 8 and summary.images_generated == 80
     assert_every_sample_once(out, 80)
+
+
+def test_lone_worker_killed_with_its_next_shard_queued_redoes_both(ray_cluster, tiny_model, tmp_path):
+    # One worker always holds two shards (one generating, the next queued on it): both come back, once each.
+    out = tmp_path / "run"
+    summary = generate_killing_a_worker(make_config(tiny_model, out, num_samples=120, per_shard=20, workers=1, max_shard_retries=1), out)
+    assert summary.ok and summary.failed_workers == 1 and 1 <= summary.retries <= 2
+    assert summary.shards_generated == 6 and summary.images_generated == 120
+    assert_every_sample_once(out, 120)
 
 
 def test_shard_that_keeps_failing_is_reported_and_exits_1(ray_cluster, tiny_model, tmp_path):

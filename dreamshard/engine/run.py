@@ -2,9 +2,10 @@
 the generation engine; the CLI only parses arguments and calls it.
 
 The driver plans every shard up front (shard k = samples [k*S, min((k+1)*S, N))), skips the committed
-ones, and hands whole shards to worker actors through a queue. An actor that dies is replaced and its
-shard re-queued (bounded retries per shard); a shard that keeps failing is reported and the rest of the
-run goes on. The driver only ever waits with a timeout, so a dead actor cannot hang it.
+ones, and hands whole shards to worker actors through a queue, up to SHARDS_IN_FLIGHT per actor. An actor
+that dies is replaced and all its in-flight shards re-queued (bounded retries per shard); a shard that
+keeps failing is reported and the rest of the run goes on. The driver only ever waits with a timeout, so a
+dead actor cannot hang it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from dreamshard.engine.manifest import (
     uncommit,
     write_run_record,
 )
-from dreamshard.engine.models import model_identity
+from dreamshard.engine.models import model_fingerprint, resolve_model_path
 from dreamshard.engine.conditioned import conditioner_for
 from dreamshard.engine.plan import Plan, build_plan
 from dreamshard.engine.worker import GenerationWorker
@@ -48,6 +49,10 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.25  # how long the driver waits for any result before refreshing progress and timeouts
 PROGRESS_SECONDS = 0.5  # how often busy workers are asked how far they are in their shard
+# Shards queued on one actor at a time. With one, generation stopped at every shard boundary for the commit
+# and a driver round trip (~10% of a 3 s tiny-model shard); with two, the actor starts the next shard as
+# soon as the previous one releases the pipeline (worker.py), while that one still commits.
+SHARDS_IN_FLIGHT = 2
 ACTOR_PREFIX = "dreamshard-worker-"
 VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "ray", "pyarrow", "pillow", "webdataset")
 
@@ -93,7 +98,8 @@ def generate(
     config = _resolved(config, out, num_samples)
     plan = build_plan(config.prompts, config.sampling, config.run.seed)
     conditioner = conditioner_for(config)  # img2img / controlnet_seg: the source is pre-scanned here
-    model_info = model_identity(config.model)  # base pipeline, LoRA and ControlNet by content
+    base_model, _ = resolve_model_path(config.model)
+    model_info = {"id": config.model.path, "hash": model_fingerprint(base_model)}
     fingerprints = dataset_fingerprints(config, plan, model_info, conditioner)
     store = _choose_output(config.output.path, fingerprints, force_new)
     if store.url != config.output.path:
@@ -138,8 +144,8 @@ def dataset_fingerprints(config: GenerateConfig, plan: Plan, model_info: dict, c
     model = config.model
     parts = {
         "plan": plan.fingerprint,
-        "model": {"hash": model_info["hash"], "scheduler": model.scheduler, "dtype": model.dtype, "lora": model_info["lora"],
-                  "lora_scale": model.lora_scale, "controlnet": model_info["controlnet"], "mode": config.mode},
+        "model": {"hash": model_info["hash"], "scheduler": model.scheduler, "dtype": model.dtype, "lora": model.lora,
+                  "lora_scale": model.lora_scale, "controlnet": model.controlnet, "mode": config.mode},
         "layout": {"samples_per_shard": config.output.samples_per_shard, "image_format": config.output.image_format,
                    "quality": config.output.quality},
     }  # fmt: skip
@@ -302,13 +308,18 @@ class _Worker:
     actor: Any
     name: str
     start_ref: Any = None  # pending until the pipeline is loaded
-    shard: int | None = None
-    task_ref: Any = None
-    task_started: float = 0.0
+    tasks: dict[Any, int] = field(default_factory=dict)  # in-flight generate_shard ref -> shard, in dispatch order
+    busy_since: float = 0.0  # since when it has had work without finishing a shard (shard_timeout_s)
     progress_ref: Any = None
     progress_asked: float = 0.0
-    images: int = 0  # generated so far in its current shard
+    progress: tuple[int, int] = (-1, 0)  # (shard it is generating, images generated in it) as last reported
     timed_out: bool = False
+
+    @property
+    def images(self) -> int:
+        """Images generated in its in-flight shards and not committed yet."""
+        shard, images = self.progress
+        return images if shard in self.tasks.values() else 0
 
 
 class _Driver:
@@ -339,7 +350,7 @@ class _Driver:
 
     def run(self, progress: "_ProgressReport") -> None:
         try:
-            while self.queue or any(worker.shard is not None for worker in self.workers):
+            while self.queue or any(worker.tasks for worker in self.workers):
                 self._dispatch()
                 if not self.workers and not self._replace():
                     self._fail_queued("no worker left (they kept dying; see the Ray logs in /tmp/ray/session_latest/logs)")
@@ -360,7 +371,7 @@ class _Driver:
 
     @property
     def images_in_flight(self) -> int:
-        return sum(worker.images for worker in self.workers if worker.shard is not None)
+        return sum(worker.images for worker in self.workers)
 
     # ------------------------------------------------------------------------------------ workers
 
@@ -369,7 +380,8 @@ class _Driver:
         `run.workers` single-CPU workers when the cluster has no GPU (or model.device is cpu)."""
         run = self.config.run
         gpus = 0.0 if self.config.model.device == "cpu" else self.ray.cluster_resources().get("GPU", 0.0)
-        options = {"num_cpus": 1, "max_concurrency": 2, "max_restarts": 0, "max_task_retries": 0}
+        # Threads: the in-flight shards plus one for progress() and pid() calls.
+        options = {"num_cpus": 1, "max_concurrency": SHARDS_IN_FLIGHT + 1, "max_restarts": 0, "max_task_retries": 0}
         if gpus >= run.gpus_per_worker:
             size, threads = int(gpus // run.gpus_per_worker + 1e-9), None
             options["num_gpus"] = run.gpus_per_worker
@@ -395,28 +407,50 @@ class _Driver:
         return True
 
     def _lose(self, worker: _Worker, reason: str) -> None:
-        """A worker died: count it, re-queue its shard, start a replacement if there is work left."""
+        """A worker died: count it, re-queue each of its in-flight shards once (keeping one it committed just
+        before dying), start a replacement if there is work left."""
         self.failed_workers += 1
         self.workers.remove(worker)
         self.ray.kill(worker.actor, no_restart=True)
         log.warning("worker %s died (%s)", worker.name, reason)
-        if worker.shard is not None:
-            self._shard_failed(worker.shard, f"worker died: {reason}")
+        tasks, worker.tasks = worker.tasks, {}  # its other refs in this round of events are ignored
+        for ref, shard in reversed(tasks.items()):  # re-queued at the front in dispatch order
+            marker = self._result_if_done(ref)
+            if marker is None:
+                self._shard_failed(shard, f"worker died: {reason}")
+            else:
+                self._accept(shard, marker)
         if self.queue:
             self._replace()
+
+    def _result_if_done(self, ref) -> dict | None:
+        ready, _ = self.ray.wait([ref], timeout=0)
+        try:
+            return self.ray.get(ready[0]) if ready else None
+        except Exception:  # noqa: BLE001 - the death, or its own failure: either way it is redone
+            return None
 
     # ------------------------------------------------------------------------------------- shards
 
     def _dispatch(self) -> None:
         for worker in self.workers:
-            if worker.start_ref is None and worker.shard is None and self.queue:
+            while worker.start_ref is None and self.queue and self._takes_another(worker):
                 shard = self.queue.popleft()
                 start = shard * self.config.output.samples_per_shard
                 specs = self.plan.specs(start, start + self.counts[shard])
-                worker.shard, worker.images, worker.timed_out = shard, 0, False
-                worker.task_started = time.perf_counter()
-                worker.task_ref = worker.actor.generate_shard.remote(shard, specs)
+                if not worker.tasks:
+                    worker.busy_since = time.perf_counter()
+                worker.tasks[worker.actor.generate_shard.remote(shard, specs)] = shard
                 self.attempts[shard] = self.attempts.get(shard, 0) + 1
+
+    def _takes_another(self, worker: _Worker) -> bool:
+        """An idle worker takes any shard. A busy one takes a second only while there are enough for every
+        worker (no idle worker at the end of the run while another has one queued), and never beside a
+        retry: a shard that kills its worker takes a healthy one down with it at most once."""
+        if not worker.tasks:
+            return True
+        first_attempts = self.attempts.get(self.queue[0], 0) == 0 and all(self.attempts[s] == 1 for s in worker.tasks.values())
+        return len(worker.tasks) < SHARDS_IN_FLIGHT and len(self.queue) >= len(self.workers) and first_attempts
 
     def _shard_failed(self, shard: int, reason: str) -> None:
         if self.attempts[shard] <= self.config.run.max_shard_retries:
@@ -438,8 +472,7 @@ class _Driver:
         for worker in self.workers:
             if worker.start_ref is not None:
                 pending[worker.start_ref] = worker
-            elif worker.task_ref is not None:
-                pending[worker.task_ref] = worker
+            pending.update(dict.fromkeys(worker.tasks, worker))
         if not pending:
             return
         ready, _ = self.ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
@@ -449,7 +482,7 @@ class _Driver:
             worker = pending[ref]
             if ref is worker.start_ref:
                 self._on_started(worker, ref)
-            else:
+            elif ref in worker.tasks:  # not if the worker was lost meanwhile (_lose handled it)
                 self._on_finished(worker, ref)
         if self.generation_started is None and time.perf_counter() - self.started > self.config.run.worker_start_timeout_s:
             raise UserError(
@@ -478,7 +511,6 @@ class _Driver:
     def _on_finished(self, worker: _Worker, ref) -> None:
         from ray.exceptions import RayActorError
 
-        shard = worker.shard
         try:
             marker = self.ray.get(ref)
         except RayActorError as exc:
@@ -487,10 +519,17 @@ class _Driver:
         except UserError as exc:  # full disk, unwritable output: stop, the user must act
             raise UserError(str(getattr(exc, "cause", exc))) from None
         except Exception as exc:
-            worker.shard, worker.task_ref = None, None
-            self._shard_failed(shard, _first_line(getattr(exc, "cause", exc)))
+            self._shard_failed(self._take_finished(worker, ref), _first_line(getattr(exc, "cause", exc)))
             return
-        worker.shard, worker.task_ref = None, None
+        self._accept(self._take_finished(worker, ref), marker)
+
+    @staticmethod
+    def _take_finished(worker: _Worker, ref) -> int:
+        """Take a finished shard off its worker (which is making progress again); returns the shard."""
+        worker.busy_since = time.perf_counter()
+        return worker.tasks.pop(ref)
+
+    def _accept(self, shard: int, marker: dict) -> None:
         if marker["count"] != self.counts[shard]:
             self._shard_failed(shard, f"committed {marker['count']} samples, expected {self.counts[shard]}")
             return
@@ -503,7 +542,7 @@ class _Driver:
         if not limit:
             return
         for worker in self.workers:
-            if worker.shard is not None and not worker.timed_out and time.perf_counter() - worker.task_started > limit:
+            if worker.tasks and not worker.timed_out and time.perf_counter() - worker.busy_since > limit:
                 worker.timed_out = True  # killing it makes its task fail with RayActorError, handled as a death
                 self.ray.kill(worker.actor, no_restart=True)
 
@@ -514,13 +553,13 @@ class _Driver:
                 ready, _ = self.ray.wait([worker.progress_ref], timeout=0)
                 if ready:
                     try:
-                        worker.images = self.ray.get(worker.progress_ref)
-                    except Exception:  # a dying worker; its shard result says what happened
+                        worker.progress = self.ray.get(worker.progress_ref)
+                    except Exception:  # a dying worker; its shard results say what happened
                         pass
                     worker.progress_ref = None
-                    if worker.images and worker.shard is not None:
+                    if worker.images:
                         self._saw_image()
-            elif worker.shard is not None and now - worker.progress_asked > PROGRESS_SECONDS:
+            elif worker.tasks and now - worker.progress_asked > PROGRESS_SECONDS:
                 worker.progress_ref, worker.progress_asked = worker.actor.progress.remote(), now
 
     def _saw_image(self) -> None:
@@ -544,7 +583,7 @@ class _ProgressReport:
         images = driver.images_committed + driver.images_in_flight
         elapsed = time.perf_counter() - driver.generation_started if driver.generation_started else 0.0
         rate = f"{images / elapsed:.1f} img/s" if elapsed > 0 else "starting workers"
-        shards = f"{len(driver.committed)}/{len(driver.committed) + len(driver.queue) + len(driver.failed) + sum(w.shard is not None for w in driver.workers)} shards"
+        shards = f"{len(driver.committed)}/{len(driver.committed) + len(driver.queue) + len(driver.failed) + sum(len(w.tasks) for w in driver.workers)} shards"
         self.progress.update(self.task, completed=self.skipped + images, rate=rate, shards=shards,
                              retries=driver.retries, failed=driver.failed_workers)  # fmt: skip
 

@@ -4,6 +4,9 @@ also runs in-process (benchmarks, debugging).
 
 Generation and writing overlap: the caller's thread runs the pipeline batch after batch while a writer
 thread encodes images and appends them to the tar (a bounded queue between them keeps memory flat).
+Shards overlap too: `generate_shard` holds the pipeline only while generating, so on an actor that runs
+two of them at once (run.py queues the next shard on it early) the next shard generates while the
+previous one flushes and commits.
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ class GenerationWorker:
         conditioner: Conditioner | None = None,  # img2img / controlnet_seg: its generate() is the per-mode function
     ) -> None:
         self.config, self.store, self.name = config, Store(out), f"{name}@{socket.gethostname()}"
-        self.images_done = 0  # in the current shard, for the driver's progress
+        self._progress = (-1, 0)  # (shard being generated, images generated in it), for the driver
+        self._pipeline_lock = threading.Lock()  # one shard at a time uses the pipeline (schedulers keep state)
         self._load_error: Exception | None = None
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -102,28 +106,29 @@ class GenerationWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def progress(self) -> int:
-        return self.images_done
+    def progress(self) -> tuple[int, int]:
+        return self._progress
 
     def generate_shard(self, shard: int, specs: list[SampleSpec]) -> dict:
         """Generate `specs` into shard `shard` and commit it; returns the shard's marker."""
-        self.images_done = 0
         output = self.config.output
         try:
             with ShardWriter(self.store, shard, output.image_format, output.quality) as writer:
                 writer.expect([spec.index for spec in specs])
                 pending = _WriterThread(writer, capacity=2 * self.config.run.batch_size)
                 try:
-                    for sample in self._generate(specs):
-                        pending.put(sample)
+                    with self._pipeline_lock:  # released before the flush and commit: the next shard starts now
+                        for sample in self._generate(shard, specs):
+                            pending.put(sample)
                 finally:
                     pending.close()
                 return writer.commit({"worker": self.name})
         except OSError as exc:  # full disk, permissions: the user must act, retrying will not help
             raise UserError(f"cannot write shard {shard} to {self.store.url}: {exc.strerror or exc}") from None
 
-    def _generate(self, specs: list[SampleSpec]) -> Iterator[ShardSample]:
-        generate = self._generate_batch
+    def _generate(self, shard: int, specs: list[SampleSpec]) -> Iterator[ShardSample]:
+        generate, done = self._generate_batch, 0
+        self._progress = (shard, 0)
         for batch in batches(specs, self.config.run.batch_size):
             started = time.perf_counter()
             samples = generate(self.pipe, batch)
@@ -134,7 +139,8 @@ class GenerationWorker:
                 style = {axis: sample.metadata["style"].get(axis) for axis in self.config.prompts.styles}
                 sample.metadata = {**self._fields, **sample.metadata, "style": style, "seconds": seconds}  # a mode may set source_key
                 yield sample
-            self.images_done += len(batch)
+            done += len(batch)
+            self._progress = (shard, done)  # one assignment: progress() never pairs a shard with another's count
 
 
 class _WriterThread:
