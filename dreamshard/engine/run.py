@@ -42,7 +42,7 @@ from dreamshard.engine.conditioned import conditioner_for
 from dreamshard.engine.plan import Plan, build_plan
 from dreamshard.engine.worker import GenerationWorker
 from dreamshard.engine.writer import FORMAT_VERSION, Store
-from dreamshard.errors import UserError
+from dreamshard.errors import UserError, one_line
 from dreamshard.logs import console
 
 log = logging.getLogger(__name__)
@@ -496,12 +496,12 @@ class _Driver:
         try:
             self.ray.get(ref)
         except RayActorError as exc:
-            self._lose(worker, _first_line(exc))
+            self._lose(worker, one_line(exc))
             return
         except UserError as exc:
             raise UserError(str(getattr(exc, "cause", exc))) from None
         except Exception as exc:  # the pipeline failed to load: the same will happen on every worker
-            raise UserError(f"worker could not load the model: {_first_line(getattr(exc, 'cause', exc))}") from None
+            raise UserError(f"worker could not load the model: {one_line(getattr(exc, 'cause', exc))}") from None
         worker.start_ref = None
         if self.generation_started is None:
             self.generation_started = time.perf_counter()
@@ -514,12 +514,12 @@ class _Driver:
         try:
             marker = self.ray.get(ref)
         except RayActorError as exc:
-            self._lose(worker, "timed out" if worker.timed_out else _first_line(exc))
+            self._lose(worker, "timed out" if worker.timed_out else one_line(exc))
             return
         except UserError as exc:  # full disk, unwritable output: stop, the user must act
             raise UserError(str(getattr(exc, "cause", exc))) from None
         except Exception as exc:
-            self._shard_failed(self._take_finished(worker, ref), _first_line(getattr(exc, "cause", exc)))
+            self._shard_failed(self._take_finished(worker, ref), one_line(getattr(exc, "cause", exc)))
             return
         self._accept(self._take_finished(worker, ref), marker)
 
@@ -599,9 +599,3 @@ def _progress_display(show: bool, total: int, skipped: int) -> Iterator[_Progres
     )  # fmt: skip
     with Progress(*columns, console=console, transient=False) as progress:
         yield _ProgressReport(progress, total, skipped)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
