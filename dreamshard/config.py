@@ -229,6 +229,9 @@ class ShardsConfig(Strict):
 
     path: str
     subset: int | None = Field(None, ge=1)  # the first N samples of the run's manifest (scaling studies)
+    # The order `subset` takes its first N from: the manifest's, or class-stratified (every class's k-th
+    # sample before any class's (k+1)-th; ties by index), so each prefix is as balanced as the data allows.
+    subset_order: Literal["manifest", "stratified"] = "manifest"
     resampled: bool = True  # draw shards with replacement: every DDP rank streams forever, no uneven-shard hang
     shuffle_buffer: int = Field(1000, ge=0)
 
@@ -396,6 +399,7 @@ class StudyConfig(Strict):
     train: StudyTrainConfig
     sizes: list[int] | str  # [100, 400, 1600] or log-spaced "100..1600x2"
     seeds: list[int] = Field([0], min_length=1)
+    stratified: bool = False  # class-stratified nested subsets instead of plain manifest prefixes
     fixed: Literal["iterations", "epochs"] = "iterations"  # same compute at every size, or same epochs
     iterations: int | None = Field(None, ge=1)  # fixed: iterations (default: the training config's max_iters)
     epochs: float | None = Field(None, gt=0)  # fixed: epochs

@@ -95,7 +95,7 @@ def result_stamps(out: Path) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_study_runs_every_size_and_seed_once_and_resumes(tmp_path, toy, ray_cluster):
-    config = study_config(tmp_path, train_yaml(tmp_path, toy), toy["target"], [4, 8, 16],
+    config = study_config(tmp_path, train_yaml(tmp_path, toy), toy["target"], [4, 8, 16], stratified=True,
                           train={"baseline": str(train_yaml(tmp_path, toy, "source_only"))})
     first = run_study(config, show_progress=False)
     assert first.ok, first.failed
@@ -112,6 +112,7 @@ def test_study_runs_every_size_and_seed_once_and_resumes(tmp_path, toy, ray_clus
     # each run trained on its own exact subset with its own seed
     run_config = yaml.safe_load((out / "runs" / "n000000008-s1" / "train" / "config.yaml").read_text())
     assert run_config["data"]["target"]["shards"]["subset"] == 8 and run_config["seed"] == 1
+    assert run_config["data"]["target"]["shards"]["subset_order"] == "stratified"
 
     stamps = result_stamps(out)
     again = run_study(config, show_progress=False)

@@ -80,6 +80,25 @@ def test_subset_is_exactly_the_first_n_manifest_samples(run_dir):
         resolve_shards(ShardsConfig(path=str(run_dir), subset=51))
 
 
+def test_stratified_subsets_are_balanced_and_nested(tmp_path):
+    from dreamshard.engine.manifest import write_dataset
+    from dreamshard.trainer.data import stratified_order
+
+    classes = ["car"] * 8 + ["bus"] * 2 + ["train"] * 2  # a plan that made cars first
+    image = Image.new("RGB", (8, 8))
+    write_dataset(tmp_path / "run", [ShardSample({"index": i, "class_name": name}, image) for i, name in enumerate(classes)], 4)
+    picked = {}
+    for n in (3, 6, 12):
+        _, keys = resolve_shards(ShardsConfig(path=str(tmp_path / "run"), subset=n, subset_order="stratified"))
+        picked[n] = keys
+        counts = {name: sum(classes[int(k)] == name for k in keys) for name in set(classes)}
+        assert max(counts.values()) - min(counts.values()) <= (1 if n <= 6 else 6), (n, counts)
+    assert picked[3] < picked[6] < picked[12]  # nested prefixes of one order
+    _, plain = resolve_shards(ShardsConfig(path=str(tmp_path / "run"), subset=6))
+    assert {classes[int(k)] for k in plain} == {"car"}  # manifest order: the first 6 are all cars
+    assert stratified_order(["a", "a", "b"]) == [0, 2, 1]
+
+
 def test_stream_has_exact_length_with_uneven_shards_and_workers(run_dir):
     domain = DomainConfig(shards=ShardsConfig(path=str(run_dir), shuffle_buffer=0))
     data = TrainDataConfig(crop_size=(SIZE, SIZE), batch_size=4, workers=2)

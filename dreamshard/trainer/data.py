@@ -140,7 +140,7 @@ def resolve_shards(spec: ShardsConfig) -> tuple[list[str], set[str] | None]:
             raise UserError(f"shards.subset needs a run directory (with its manifest), not URLs ({path})")
         return urls, None
     if Path(path).expanduser().is_dir():
-        return _run_dir_shards(Path(path).expanduser(), spec.subset)
+        return _run_dir_shards(Path(path).expanduser(), spec.subset, spec.subset_order)
     if spec.subset:
         raise UserError(f"shards.subset needs a run directory (with its manifest), not a pattern ({path})")
     if any(ch in path for ch in "*?["):
@@ -152,7 +152,7 @@ def resolve_shards(spec: ShardsConfig) -> tuple[list[str], set[str] | None]:
     return urls, None
 
 
-def _run_dir_shards(root: Path, subset: int | None) -> tuple[list[str], set[str] | None]:
+def _run_dir_shards(root: Path, subset: int | None, order: str = "manifest") -> tuple[list[str], set[str] | None]:
     store = Store(root)
     record = read_run_record(store)
     if record is None:
@@ -162,15 +162,28 @@ def _run_dir_shards(root: Path, subset: int | None) -> tuple[list[str], set[str]
         raise UserError(f"no shards matched in {root}: no committed shard yet (run `dreamshard generate` first)")
     if subset is None:
         return [str(root / shard_tar(s)) for s in sorted(committed)], None
-    manifest = read_manifest(root).select(["key", "index", "shard"]).sort_by("index")
+    manifest = read_manifest(root).select(["key", "index", "shard", "class_name"]).sort_by("index")
     if manifest.num_rows < subset:
         raise UserError(f"shards.subset {subset} is larger than the {manifest.num_rows} samples in {root}'s manifest")
+    if order == "stratified":
+        manifest = manifest.take(stratified_order(manifest.column("class_name").to_pylist()))
     first = manifest.slice(0, subset).to_pydict()
     shards = sorted(set(first["shard"]))
     missing = [s for s in shards if s not in committed]
     if missing:
         raise UserError(f"{root}: shard {missing[0]} holds manifest samples but is not committed; re-run generate to finish it")
     return [str(root / shard_tar(s)) for s in shards], set(first["key"])
+
+
+def stratified_order(class_names: list[str]) -> list[int]:
+    """Positions ordered so that every prefix holds the classes as evenly as the data allows: each class's
+    k-th sample comes before any class's (k+1)-th, ties by position. One fixed order, so prefixes nest."""
+    seen: dict[str, int] = {}
+    rank = []
+    for name in class_names:
+        rank.append(seen.get(name, 0))
+        seen[name] = rank[-1] + 1
+    return sorted(range(len(class_names)), key=lambda i: (rank[i], i))
 
 
 class SkipCounter:

@@ -173,7 +173,9 @@ def run_train_config(config: StudyConfig, base: dict, run: StudyRun, out: Path) 
         data = apply_overrides(read_yaml(config.train.baseline), config.train.overrides)
     else:
         data = json.loads(json.dumps(base))  # deep copy
-        data = apply_overrides(data, [f"data.target.shards.path={config.data.run}", f"data.target.shards.subset={run.size}"])
+        order = "stratified" if config.stratified else "manifest"
+        data = apply_overrides(data, [f"data.target.shards.path={config.data.run}", f"data.target.shards.subset={run.size}",
+                                      f"data.target.shards.subset_order={order}"])
     settings = [f"seed={run.seed}", f"output={out / 'runs' / run.run_id / 'train'}"]
     iterations = _iterations(config, data, run.size)
     if iterations:
