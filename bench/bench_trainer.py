@@ -33,8 +33,8 @@ def scene(rng: np.random.Generator) -> Image.Image:
 
 
 def write_data(root: Path, count: int, per_shard: int) -> None:
-    from dreamshard.engine.manifest import consolidate, shard_counts, write_run_record
-    from dreamshard.engine.writer import ShardSample, Store, write_shard
+    from dreamshard.engine.manifest import write_dataset
+    from dreamshard.engine.writer import ShardSample
 
     rng = np.random.default_rng(0)
     images = [scene(rng) for _ in range(count)]
@@ -42,12 +42,7 @@ def write_data(root: Path, count: int, per_shard: int) -> None:
     for i, image in enumerate(images):
         image.save(root / "folder" / f"{i:06d}.png")
     for fmt in ("jpg", "png"):
-        counts = shard_counts(count, per_shard)
-        for shard, n in enumerate(counts):
-            batch = [ShardSample({"index": shard * per_shard + j}, images[shard * per_shard + j]) for j in range(n)]
-            write_shard(root / f"shards_{fmt}", shard, batch, image_format=fmt)
-        consolidate(Store(root / f"shards_{fmt}"), counts)
-        write_run_record(Store(root / f"shards_{fmt}"), {"samples_per_shard": per_shard})
+        write_dataset(root / f"shards_{fmt}", [ShardSample({"index": i}, image) for i, image in enumerate(images)], per_shard, image_format=fmt)
 
 
 class PngFolder(torch.utils.data.Dataset):

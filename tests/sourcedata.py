@@ -43,8 +43,8 @@ def write_cityscapes(root: Path, n: int = 3, size: tuple[int, int] = (48, 32), s
         raw = random_label(rng, CITYSCAPES_VALUES, height, width).astype(np.uint8)
         _save(root / "leftImg8bit" / split / city / f"{base}_leftImg8bit.png", random_image(rng, height, width))
         _save(root / "gtFine" / split / city / f"{base}_gtFine_labelIds.png", raw)
-        _save(root / "gtFine" / split / city / f"{base}_gtFine_labelTrainIds.png", expected_train_ids(raw, CITYSCAPES_ID_TO_TRAIN_ID))
         expected[base] = expected_train_ids(raw, CITYSCAPES_ID_TO_TRAIN_ID)
+        _save(root / "gtFine" / split / city / f"{base}_gtFine_labelTrainIds.png", expected[base])
     return expected
 
 

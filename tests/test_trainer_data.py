@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from dreamshard.config import DomainConfig, RCSConfig, ShardsConfig, TrainDataConfig
-from dreamshard.engine.manifest import consolidate, shard_counts, write_run_record
-from dreamshard.engine.writer import ShardSample, Store, write_shard
+from dreamshard.engine.manifest import write_dataset
+from dreamshard.engine.writer import ShardSample
 from dreamshard.errors import UserError
 from dreamshard.trainer.data import Augment, RareClassSampler, check_labels, resolve_shards, train_loader
 
@@ -22,19 +22,12 @@ SIZE = 24
 
 def _write_run(root, num_samples: int, per_shard: int, label_value: int | None = None) -> None:
     """A run directory in the engine format; sample i's image is filled with value i (readable back)."""
-    store = Store(root)
-    counts = shard_counts(num_samples, per_shard)
-    index = 0
-    for shard, count in enumerate(counts):
-        samples = []
-        for _ in range(count):
-            image = Image.fromarray(np.full((SIZE, SIZE, 3), index, dtype=np.uint8))
-            files = {} if label_value is None else {"seg.png": Image.fromarray(np.full((SIZE, SIZE), label_value, dtype=np.uint8))}
-            samples.append(ShardSample({"index": index}, image, files))
-            index += 1
-        write_shard(root, shard, samples, image_format="png")
-    consolidate(store, counts)
-    write_run_record(store, {"samples_per_shard": per_shard, "num_samples": num_samples})
+    samples = []
+    for index in range(num_samples):
+        image = Image.fromarray(np.full((SIZE, SIZE, 3), index, dtype=np.uint8))
+        files = {} if label_value is None else {"seg.png": Image.fromarray(np.full((SIZE, SIZE), label_value, dtype=np.uint8))}
+        samples.append(ShardSample({"index": index}, image, files))
+    write_dataset(root, samples, per_shard, image_format="png")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +74,6 @@ def test_subset_is_exactly_the_first_n_manifest_samples(run_dir):
 
 
 def test_stratified_subsets_are_balanced_and_nested(tmp_path):
-    from dreamshard.engine.manifest import write_dataset
     from dreamshard.trainer.data import stratified_order
 
     classes = ["car"] * 8 + ["bus"] * 2 + ["train"] * 2  # a plan that made cars first

@@ -96,11 +96,12 @@ def remove_consolidated(store: Store) -> None:
 
 
 def write_dataset(
-    out: str | Path, samples: list[ShardSample], samples_per_shard: int, image_format: str = "jpg", quality: int = 95
+    out: str | Path, samples: list[ShardSample], samples_per_shard: int, image_format: str = "jpg", quality: int = 95,
+    record: dict | None = None,
 ) -> Store:
     """A complete run directory in the engine format from samples made elsewhere (toy target sets,
-    tests): shards of `samples_per_shard`, manifest, sizes.json and a minimal dreamshard.json. Sample i
-    of the list must have metadata index i."""
+    tests): shards of `samples_per_shard`, manifest, sizes.json and a minimal dreamshard.json (plus the
+    entries of `record`). Sample i of the list must have metadata index i."""
     store = Store(out)
     counts = shard_counts(len(samples), samples_per_shard)
     for shard in range(len(counts)):
@@ -108,7 +109,7 @@ def write_dataset(
     consolidate(store, counts)
     write_run_record(store, {
         "format_version": FORMAT_VERSION, "num_samples": len(samples), "samples_per_shard": samples_per_shard,
-        "num_shards": len(counts), "image_format": image_format, "fingerprints": {}, "model": {},
+        "num_shards": len(counts), "image_format": image_format, "fingerprints": {}, "model": {}, **(record or {}),
     })  # fmt: skip
     return store
 

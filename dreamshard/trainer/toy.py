@@ -4,7 +4,7 @@ Scenes of five classes with the same kinds of layout in both domains — sky abo
 buildings standing on the horizon, cars on the ground, poles — rendered in two appearances:
 - source: clean flat colours, labelled (a generic folder dataset: images/ + labels/);
 - target: the same layouts under a colour shift (hue rotated, darker, less saturated), sensor noise and
-  texture. Target train is unlabelled engine shards (written with the engine's own `write_shard`, so
+  texture. Target train is unlabelled engine shards (written with the engine's own `write_dataset`, so
   they are exactly what `dreamshard generate` writes); target val is a labelled folder.
 A model trained on the source alone relies on the source colours and partly fails on the target;
 DACS' mixing, strong augmentation and self-training on the target close much of the gap.
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dreamshard.engine.manifest import consolidate, shard_counts, write_run_record
-from dreamshard.engine.writer import ShardSample, Store, write_shard
+from dreamshard.engine.manifest import write_dataset
+from dreamshard.engine.writer import ShardSample
 
 TOY_CLASSES = ("ground", "sky", "building", "car", "pole")
 SOURCE_COLOURS = ((100, 100, 100), (110, 170, 235), (170, 110, 70), (210, 40, 40), (240, 210, 50))
@@ -92,18 +92,12 @@ def make_toy(
         label = toy_layout(rng, size)
         _write_pair(paths["target_val"], f"{i:05d}", render(label, rng, **target_style), label)
 
-    store = Store(paths["target"])
-    counts = shard_counts(num_target, samples_per_shard)
-    index = 0
-    for shard, count in enumerate(counts):
-        samples = []
-        for _ in range(count):
-            image = render(toy_layout(rng, size), rng, **target_style)
-            samples.append(ShardSample({"index": index, "prompt": "a toy street scene", "mode": "toy", "width": size, "height": size}, Image.fromarray(image)))
-            index += 1
-        write_shard(paths["target"], shard, samples, image_format="png")
-    consolidate(store, counts)
-    write_run_record(store, {"kind": "toy", "seed": seed, "num_samples": num_target, "samples_per_shard": samples_per_shard, "classes": list(TOY_CLASSES)})
+    samples = []
+    for index in range(num_target):
+        image = render(toy_layout(rng, size), rng, **target_style)
+        samples.append(ShardSample({"index": index, "prompt": "a toy street scene", "mode": "toy", "width": size, "height": size}, Image.fromarray(image)))
+    write_dataset(paths["target"], samples, samples_per_shard, image_format="png",
+                  record={"kind": "toy", "seed": seed, "classes": list(TOY_CLASSES)})
     return paths
 
 
