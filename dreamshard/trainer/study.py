@@ -89,16 +89,16 @@ def run_study(config: StudyConfig, address: str | None = None, show_progress: bo
     out.mkdir(parents=True, exist_ok=True)
     (out / "study_config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2))
 
-    summary = StudySummary(out=out, rows=[])
-    todo = []
-    for run in runs:
-        (summary.skipped if (out / "runs" / run.run_id / RESULT).is_file() else todo).append(run)
-    with ray_session(address):
-        if todo:
+    def finished(run: StudyRun) -> bool:
+        return (out / "runs" / run.run_id / RESULT).is_file()
+
+    todo = [run for run in runs if not finished(run)]
+    summary = StudySummary(out=out, rows=[], skipped=[run.run_id for run in runs if finished(run)])
+    if todo:  # a study with nothing left to train starts no Ray at all
+        with ray_session(address):
             ensure_samples(config, max(sizes), address)
             _train_all(config, train_config, todo, out, summary, show_progress)
-    summary.skipped = [run.run_id for run in summary.skipped]
-    summary.rows = [_read_result(out, run) for run in runs if (out / "runs" / run.run_id / RESULT).is_file()]
+    summary.rows = [_read_result(out, run) for run in runs if finished(run)]
     write_results(out, summary.rows)
     return summary
 
