@@ -6,14 +6,15 @@ STAMP := $(VENV)/.installed-stamp
 TINY := .cache/tiny-sd
 TINY_CN := .cache/tiny-controlnet
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast lint format bench clean
 
 setup: $(STAMP)
 
-# Re-installs when pyproject.toml changes; torch/torchvision pins come from pip's local cache here.
-$(STAMP): pyproject.toml
+# The package declares lower bounds (a cluster's own CUDA torch stays); constraints.txt pins the versions
+# this repo is tested with. Re-installs when either changes.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[test]'
+	$(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[test,s3]'
 	@touch $(STAMP)
 
 $(TINY)/model_index.json: | $(STAMP)
@@ -25,8 +26,20 @@ $(TINY_CN)/config.json: | $(STAMP)
 demo: setup $(TINY)/model_index.json
 	$(BIN)/dreamshard generate configs/quickstart.yaml
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q
+
+# Unit tests only: no end-to-end runs (those are marked slow).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check dreamshard tests bench
+	$(BIN)/ruff format --check dreamshard tests bench
+
+format: setup
+	$(BIN)/ruff check --fix dreamshard tests bench
+	$(BIN)/ruff format dreamshard tests bench
 
 bench: setup $(TINY)/model_index.json
 	$(BIN)/python -m bench

@@ -1,21 +1,25 @@
-"""Generation engine: overhead against a bare diffusers loop, scaling 2 workers vs 1, resume cost.
+"""Generation engine: overhead against a bare diffusers loop on the same CPU budget, scaling 2 workers vs 1,
+resume cost.
 
-- overhead: images/s of `generate` with 1 CPU worker (torch threads 1) ÷ images/s of a bare loop in this
-  process (same model, batch, steps, resolution, threads 1; `pipe(...)` with per-sample generators, images
-  kept in memory). The engine's images/s is `RunSummary.steady_images_per_s`: images committed from the
-  moment all its workers are ready (models loaded) to the end of the run, over that time; encoding,
-  tar/Parquet writing, commits and scheduling are all inside it, worker start-up is not.
-- scaling: images/s of `generate` with 2 workers ÷ with 1 (torch threads 1 each).
-- resume: seconds from calling `generate` to its first new image when 9 of 10 shards exist ÷ the same for
-  a fresh run (both on an already running Ray; both include starting the worker).
+- overhead (1 core each side): the whole benchmark process, and so the embedded Ray it starts (driver, raylet,
+  worker), is pinned to ONE core with sched_setaffinity. Baseline: a bare diffusers loop in this process
+  (same model, batch, steps, resolution, torch threads 1, per-sample generators, images kept in memory as
+  PIL). Engine: `generate` with 1 worker (torch threads 1) on that same core: its writer thread, driver and
+  Ray share the core with generation. Two ratios: steady state (`RunSummary.steady_images_per_s`: images
+  committed from the moment the worker is ready to the end, vs the bare loop's generation rate) and whole
+  run (samples ÷ wall seconds of the `generate` call, worker start-up included, vs samples ÷ (model load +
+  generation) of the bare loop). Also the worker class run in-process (no Ray), same core: the cost of
+  encoding, tar/Parquet writing and commits alone.
+- scaling (2 cores): images/s of `generate` with 2 workers ÷ with 1 (torch threads 1 each).
+- resume (2 cores): seconds from calling `generate` to its first new image when 9 of 10 shards exist ÷ the
+  same for a fresh run (both start their worker on an already running Ray).
 
-    python -m bench.bench_engine [--samples 240] [--repeats 2] [--sd15-samples 8] [--skip-sd15] [--skip-tiny]
+    python -m bench.bench_engine [--samples 1200] [--repeats 2] [--sd15-samples 8] [--skip-sd15] [--skip-tiny]
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import tempfile
@@ -47,31 +51,42 @@ def make_config(model: Path, size: int, steps: int, batch: int, samples: int, pe
     })  # fmt: skip
 
 
-def bare_loop(config) -> float:
-    """Images/s of the plain diffusers loop (after one warm-up batch), images kept in memory."""
+def bare_loop(config) -> dict:
+    """The plain diffusers loop: images/s of generation (after one warm-up batch), and samples ÷ (load +
+    generation) seconds. Images kept in memory."""
     import torch
 
+    from dreamshard.engine.generation import call_pipeline
     from dreamshard.engine.models import load_pipeline
     from dreamshard.engine.plan import build_plan
 
     torch.set_num_threads(1)
+    started = time.perf_counter()
     pipe = load_pipeline(config.model)
+    loaded = time.perf_counter() - started
     specs = build_plan(config.prompts, config.sampling, config.run.seed).specs(0, config.run.num_samples)
     batch = config.run.batch_size
-
-    def call(chunk):
-        return pipe(
-            prompt=[s.prompt for s in chunk], negative_prompt=[s.negative_prompt for s in chunk],
-            num_inference_steps=chunk[0].steps, guidance_scale=chunk[0].guidance_scale,
-            width=chunk[0].width, height=chunk[0].height,
-            generator=[torch.Generator("cpu").manual_seed(s.seed) for s in chunk], output_type="pil",
-        ).images  # fmt: skip
-
-    call(specs[:batch])
+    call_pipeline(pipe, specs[:batch])  # warm-up
     images, started = [], time.perf_counter()
     for start in range(0, len(specs), batch):
-        images += call(specs[start : start + batch])
-    return len(images) / (time.perf_counter() - started)
+        images += call_pipeline(pipe, specs[start : start + batch])
+    seconds = time.perf_counter() - started
+    return {"images_per_s": len(images) / seconds, "whole_images_per_s": len(images) / (loaded + seconds)}
+
+
+def in_process_worker(config, out: Path) -> float:
+    """Images/s of GenerationWorker.generate_shard called in this process (no Ray), after its model load."""
+    from dreamshard.engine.plan import build_plan
+    from dreamshard.engine.worker import GenerationWorker
+    from dreamshard.format.layout import shard_counts
+
+    worker = GenerationWorker(config, str(out), "bench", {"id": str(config.model.path), "hash": ""}, torch_threads=1)
+    worker.ready()
+    plan, per_shard = build_plan(config.prompts, config.sampling, config.run.seed), config.output.samples_per_shard
+    started = time.perf_counter()
+    for shard, count in enumerate(shard_counts(config.run.num_samples, per_shard)):
+        worker.generate_shard(shard, plan.specs(shard * per_shard, shard * per_shard + count))
+    return config.run.num_samples / (time.perf_counter() - started)
 
 
 def engine(config, out: Path):
@@ -80,6 +95,65 @@ def engine(config, out: Path):
     summary = generate(config, out=str(out), show_progress=False)
     assert summary.ok, summary.failed_shards
     return summary
+
+
+def one_core_overhead(config, root: Path, repeats: int) -> dict:
+    """Bare loop, in-process worker and engine, all on core 0 (alternated; each keeps its best)."""
+    import ray
+
+    from dreamshard.cluster import init_local_ray
+
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})  # Ray's processes inherit it
+    init_local_ray(num_cpus=1)
+    bares, workers, steady, whole = [], [], [], []
+    try:
+        for repeat in range(repeats):
+            bares.append(bare_loop(config))
+            workers.append(in_process_worker(config, root / f"inproc{repeat}"))
+            run = engine(config, root / f"core1-{repeat}")
+            steady.append(run.steady_images_per_s)
+            whole.append(config.run.num_samples / run.wall_seconds)
+            print(f"1 core, repeat {repeat}: bare {bares[-1]['images_per_s']:.1f} img/s, in-process worker {workers[-1]:.1f}, "
+                  f"engine steady {steady[-1]:.1f}, engine whole run {whole[-1]:.1f} (bare whole {bares[-1]['whole_images_per_s']:.1f})", flush=True)  # fmt: skip
+    finally:
+        ray.shutdown()
+        os.sched_setaffinity(0, cores)
+    bare = max(b["images_per_s"] for b in bares)
+    bare_whole = max(b["whole_images_per_s"] for b in bares)
+    return {
+        "bare_images_per_s": bare, "bare_whole_images_per_s": bare_whole,
+        "in_process_images_per_s": max(workers), "in_process_ratio": max(workers) / bare,
+        "engine_images_per_s": max(steady), "steady_ratio": max(steady) / bare,
+        "engine_whole_images_per_s": max(whole), "whole_ratio": max(whole) / bare_whole,
+    }  # fmt: skip
+
+
+def two_core_scaling_and_resume(one, root: Path, repeats: int) -> dict:
+    import ray
+
+    from dreamshard.cluster import init_local_ray
+
+    init_local_ray(num_cpus=2)
+    two_config = one.model_copy(update={"run": one.run.model_copy(update={"workers": 2})})
+    try:
+        ones, twos = [], []
+        for repeat in range(repeats):
+            fresh = engine(one, root / f"one{repeat}")
+            ones.append(fresh.steady_images_per_s)
+            twos.append(engine(two_config, root / f"two{repeat}").steady_images_per_s)
+            print(f"2 cores, repeat {repeat}: 1 worker {ones[-1]:.1f}, 2 workers {twos[-1]:.1f} img/s", flush=True)
+        last = root / f"one{repeats - 1}"  # made by `fresh`: drop its last commit so 9 of 10 shards exist
+        (last / "index" / "000009.commit.json").unlink()
+        resumed = engine(one, last)
+        assert resumed.shards_generated == 1 and resumed.shards_skipped == 9
+    finally:
+        ray.shutdown()
+    return {
+        "one_worker_images_per_s": max(ones), "two_workers_images_per_s": max(twos), "scaling_2_vs_1": max(twos) / max(ones),
+        "fresh_first_image_s": fresh.first_image_seconds, "resume_first_image_s": resumed.first_image_seconds,
+        "resume_ratio": resumed.first_image_seconds / fresh.first_image_seconds,
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -91,63 +165,33 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-tiny", action="store_true")
     args = parser.parse_args(argv)
 
-    import ray
-
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    logging.getLogger("ray").setLevel(logging.WARNING)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, log_to_driver=False)
     root = Path(tempfile.mkdtemp(prefix="bench-engine-"))
     result: dict = {}
     try:
         if not args.skip_tiny:
-            tiny = build_model(TINY, "tiny")
-            one = make_config(tiny, 64, 4, 8, args.samples, args.samples // 10, workers=1)
-            two_config = one.model_copy(update={"run": one.run.model_copy(update={"workers": 2})})
-            # Alternate the measurements and keep each one's best: other jobs on the machine only ever slow a run down.
-            bares, ones, twos = [], [], []
-            for repeat in range(args.repeats):
-                bares.append(bare_loop(one))
-                fresh = engine(one, root / f"one{repeat}")
-                ones.append(fresh.steady_images_per_s)
-                twos.append(engine(two_config, root / f"two{repeat}").steady_images_per_s)
-                print(f"repeat {repeat}: bare {bares[-1]:.1f}, engine 1 worker {ones[-1]:.1f}, 2 workers {twos[-1]:.1f} img/s", flush=True)
-            bare, engine_one, engine_two = max(bares), max(ones), max(twos)
-            result["tiny"] = {"bare_images_per_s": bare, "engine_images_per_s": engine_one, "overhead_ratio": engine_one / bare,
-                              "two_workers_images_per_s": engine_two, "scaling_2_vs_1": engine_two / engine_one}  # fmt: skip
-
-            # resume: drop the last shard's commit so 9 of 10 shards exist
-            last = root / f"one{args.repeats - 1}"  # made by `fresh`
-            (last / "index" / "000009.commit.json").unlink()
-            started = time.perf_counter()
-            resumed = engine(one, last)
-            assert resumed.shards_generated == 1 and resumed.shards_skipped == 9
-            result["resume"] = {"fresh_first_image_s": fresh.first_image_seconds, "resume_first_image_s": resumed.first_image_seconds,
-                                "ratio": resumed.first_image_seconds / fresh.first_image_seconds,
-                                "resume_wall_s": time.perf_counter() - started}  # fmt: skip
-
+            one = make_config(build_model(TINY, "tiny"), 64, 4, 8, args.samples, args.samples // 10, workers=1)
+            result["tiny"] = one_core_overhead(one, root, args.repeats)
+            result["tiny"] |= two_core_scaling_and_resume(one, root, args.repeats)
         if not args.skip_sd15:
-            sd15 = build_model(SD15, "sd15")
-            config = make_config(sd15, 128, 4, 2, args.sd15_samples, max(args.sd15_samples // 2, 1), workers=1)
-            bare = bare_loop(config)
-            print(f"sd15 bare loop: {bare:.3f} img/s", flush=True)
-            run = engine(config, root / "sd15")
-            result["sd15"] = {"bare_images_per_s": bare, "engine_images_per_s": run.steady_images_per_s,
-                              "overhead_ratio": run.steady_images_per_s / bare}  # fmt: skip
+            config = make_config(build_model(SD15, "sd15"), 128, 4, 2, args.sd15_samples, max(args.sd15_samples // 2, 1), workers=1)
+            result["sd15"] = one_core_overhead(config, root, 1)
     finally:
-        ray.shutdown()
         shutil.rmtree(root, ignore_errors=True)
 
+    for name, setting in (("tiny", f"64x64, 4 steps, batch 8, {args.samples} samples"), ("sd15", f"128x128, 4 steps, batch 2, {args.sd15_samples} samples")):
+        if name not in result:
+            continue
+        r = result[name]
+        print(f"{name} {setting}, 1 core each side: bare loop {r['bare_images_per_s']:.2f} img/s; engine steady {r['engine_images_per_s']:.2f} "
+              f"-> ratio {r['steady_ratio']:.3f}; whole run {r['engine_whole_images_per_s']:.2f} vs {r['bare_whole_images_per_s']:.2f} "
+              f"-> ratio {r['whole_ratio']:.3f}; worker in-process (no Ray) {r['in_process_images_per_s']:.2f} -> ratio {r['in_process_ratio']:.3f}")  # fmt: skip
     if "tiny" in result:
-        tiny_r, resume = result["tiny"], result["resume"]
-        print(f"tiny 64x64, 4 steps, batch 8, {args.samples} samples: bare {tiny_r['bare_images_per_s']:.1f} img/s, "
-              f"engine 1 worker {tiny_r['engine_images_per_s']:.1f} img/s -> overhead ratio {tiny_r['overhead_ratio']:.3f}")  # fmt: skip
-        print(f"scaling: 2 workers {tiny_r['two_workers_images_per_s']:.1f} img/s -> {tiny_r['scaling_2_vs_1']:.2f}x of 1 worker")
-        print(f"resume (9/10 shards exist): first new image after {resume['resume_first_image_s']:.1f} s vs "
-              f"{resume['fresh_first_image_s']:.1f} s fresh -> ratio {resume['ratio']:.2f}")  # fmt: skip
-    if "sd15" in result:
-        sd = result["sd15"]
-        print(f"sd15 128x128, 4 steps, batch 2, {args.sd15_samples} samples: bare {sd['bare_images_per_s']:.3f} img/s, "
-              f"engine {sd['engine_images_per_s']:.3f} img/s -> overhead ratio {sd['overhead_ratio']:.3f}")  # fmt: skip
+        r = result["tiny"]
+        print(
+            f"scaling (2 cores): 1 worker {r['one_worker_images_per_s']:.1f}, 2 workers {r['two_workers_images_per_s']:.1f} img/s -> {r['scaling_2_vs_1']:.2f}x"
+        )
+        print(f"resume (9/10 shards exist): first new image after {r['resume_first_image_s']:.1f} s vs {r['fresh_first_image_s']:.1f} s fresh "
+              f"-> ratio {r['resume_ratio']:.2f}")  # fmt: skip
     return result
 
 

@@ -39,7 +39,7 @@ def train_one(method: str, steps: int, resolution: int) -> dict:
     from PIL import Image
 
     from dreamshard.config import PersonalizeConfig, validate
-    from dreamshard.engine.personalize import personalize, read_train_log
+    from dreamshard.personalize.dreambooth import personalize, read_train_log
 
     work = OUT / f"personalize-{method}"
     shutil.rmtree(work, ignore_errors=True)

@@ -48,9 +48,9 @@ def timed(fn) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     from dreamshard.config import ConditionConfig, PromptsConfig, SamplingConfig, SourceConfig
+    from dreamshard.datasets.sources import open_source, scan
     from dreamshard.engine.conditioned import Conditioner
     from dreamshard.engine.plan import build_plan
-    from dreamshard.trainer.sources import open_source, scan
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--items", type=int, default=32)

@@ -11,8 +11,6 @@ spreading the runs buys on this machine.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import shutil
 import tempfile
 import time
@@ -34,21 +32,26 @@ def prepare(root: Path, iterations: int) -> tuple[Path, Path, dict]:
     train["progress"] = False
     train_path = root / "train.yaml"
     train_path.write_text(yaml.safe_dump(train))
-    study = {"data": {"run": str(toy["target"]), "extend": False}, "train": {"config": str(train_path)},
-             "sizes": [16, 32, 64], "seeds": [0, 1], "iterations": iterations}
+    study = {
+        "data": {"run": str(toy["target"]), "extend": False},
+        "train": {"config": str(train_path)},
+        "sizes": [16, 32, 64],
+        "seeds": [0, 1],
+        "iterations": iterations,
+    }
     return toy["target"], train_path, study
 
 
 def study_with_ray(study: dict, out: Path, cpus: int) -> float:
     import ray
 
+    from dreamshard.cluster import init_local_ray
     from dreamshard.config import StudyConfig, validate
-    from dreamshard.trainer.study import run_study
+    from dreamshard.study import run_study
 
-    config = validate(StudyConfig, {**study, "output": str(out)})
+    config = validate(StudyConfig, {**study, "output": {"path": str(out)}})
     started = time.perf_counter()
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    init_local_ray(num_cpus=cpus)
     try:
         summary = run_study(config, show_progress=False)
     finally:
@@ -61,9 +64,9 @@ def plain_loop(study: dict, out: Path) -> float:
     import torch
 
     from dreamshard.config import StudyConfig, validate
-    from dreamshard.trainer.study import StudyRun, _train_config, run_train_config, train_one
+    from dreamshard.study import StudyRun, _train_config, run_train_config, train_one
 
-    config = validate(StudyConfig, {**study, "output": str(out)})
+    config = validate(StudyConfig, {**study, "output": {"path": str(out)}})
     torch.set_num_threads(1)  # what a 1-CPU Ray task gets
     started = time.perf_counter()
     base = _train_config(config)
@@ -87,10 +90,19 @@ def main(argv: list[str] | None = None) -> dict:
         ray2_s = study_with_ray(study, root / "ray2", cpus=2)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    result = {"runs": 6, "iterations": args.iterations, "plain_loop_s": loop_s, "ray_1cpu_s": ray1_s, "ray_2cpu_s": ray2_s,
-              "overhead_ratio": ray1_s / loop_s, "speedup_2cpu": loop_s / ray2_s}
-    print(f"study, 6 runs x {args.iterations} it: plain loop {loop_s:.1f} s | Ray 1 CPU {ray1_s:.1f} s "
-          f"(ratio {ray1_s / loop_s:.2f}) | Ray 2 CPUs {ray2_s:.1f} s (speed-up {loop_s / ray2_s:.2f}x)")
+    result = {
+        "runs": 6,
+        "iterations": args.iterations,
+        "plain_loop_s": loop_s,
+        "ray_1cpu_s": ray1_s,
+        "ray_2cpu_s": ray2_s,
+        "overhead_ratio": ray1_s / loop_s,
+        "speedup_2cpu": loop_s / ray2_s,
+    }
+    print(
+        f"study, 6 runs x {args.iterations} it: plain loop {loop_s:.1f} s | Ray 1 CPU {ray1_s:.1f} s "
+        f"(ratio {ray1_s / loop_s:.2f}) | Ray 2 CPUs {ray2_s:.1f} s (speed-up {loop_s / ray2_s:.2f}x)"
+    )
     return result
 
 

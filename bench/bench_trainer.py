@@ -2,10 +2,12 @@
 
 1. Input pipeline (decode + weak augmentation + batch): the trainer's streaming shard reader
    (`dreamshard.trainer.data.train_loader` over engine shards written with the engine's writer) vs the
-   usual baseline, a `torch` DataLoader over the same images as a folder of PNG files (one file per image,
-   PIL decode, the same `Augment`, default collation), with the same workers and batch size. Images are
-   512x512 (SD's size) smooth scenes with sensor noise, so PNG/JPEG sizes are photo-like. Two settings:
-   crop 384 at full size, and resize to 256 then crop 224 (where JPEG decodes at reduced scale).
+   usual baseline, a `torch` DataLoader over the same images as a folder of files (one file per image,
+   PIL decode, the same `Augment`, default collation), with the same workers and batch size, and like for
+   like: each format's shards against a folder of the SAME format and bytes (png vs png, jpg vs jpg). Images
+   are 512x512 (SD's size) smooth scenes with sensor noise, so PNG/JPEG sizes are photo-like. Two settings:
+   crop 384 at full size, and resize to 256 then crop 224 (where JPEG decodes at reduced scale, on both
+   sides: the folder baseline uses the same `Augment.decode`).
 2. Training it/s on CPU for the toy models (source_only and dacs steps).
 
     python -m bench.bench_trainer [--images 256] [--workers 2] [--batches 48] [--iters 30]
@@ -33,29 +35,31 @@ def scene(rng: np.random.Generator) -> Image.Image:
 
 
 def write_data(root: Path, count: int, per_shard: int) -> None:
-    from dreamshard.engine.manifest import write_dataset
-    from dreamshard.engine.writer import ShardSample
+    from dreamshard.format.reader import write_dataset
+    from dreamshard.format.shards import ShardSample, encode_image
 
     rng = np.random.default_rng(0)
     images = [scene(rng) for _ in range(count)]
-    (root / "folder").mkdir(parents=True)
-    for i, image in enumerate(images):
-        image.save(root / "folder" / f"{i:06d}.png")
-    for fmt in ("jpg", "png"):
+    for fmt in FORMATS:
+        (root / f"folder_{fmt}").mkdir(parents=True)
+        for i, image in enumerate(images):  # the same encoder and quality as the shards: the same bytes
+            (root / f"folder_{fmt}" / f"{i:06d}.{fmt}").write_bytes(encode_image(image, fmt))
         write_dataset(root / f"shards_{fmt}", [ShardSample({"index": i}, image) for i, image in enumerate(images)], per_shard, image_format=fmt)
 
 
-class PngFolder(torch.utils.data.Dataset):
+FORMATS = ("png", "jpg")
+
+
+class Folder(torch.utils.data.Dataset):
     def __init__(self, folder: Path, augment):
-        self.files, self.augment = sorted(folder.glob("*.png")), augment
+        self.files, self.augment = sorted(folder.iterdir()), augment
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        with Image.open(self.files[index]) as image:
-            rgb = image.convert("RGB")
-        return self.augment(rgb, None, np.random.default_rng(index))[0]
+        image = self.augment.decode(self.files[index].read_bytes())
+        return self.augment(image, None, np.random.default_rng(index))[0]
 
 
 def forever(loader):
@@ -82,11 +86,11 @@ def bench_input(root: Path, workers: int, batches: int, batch_size: int) -> list
     for resize, crop in ((None, (384, 384)), ((256, 256), (224, 224))):
         setting = f"crop {crop[0]}" if resize is None else f"resize {resize[0]} + crop {crop[0]}"
         augment = Augment(resize, crop, flip=True)
-        folder = torch.utils.data.DataLoader(PngFolder(root / "folder", augment), batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
-        base = throughput(folder, batches)
-        rows.append((f"{setting}: DataLoader over PNG files (baseline)", base))
         data = TrainDataConfig(crop_size=crop, batch_size=batch_size, workers=workers, flip=True)
-        for fmt in ("jpg", "png"):
+        for fmt in FORMATS:
+            files = Folder(root / f"folder_{fmt}", augment)
+            folder = torch.utils.data.DataLoader(files, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+            rows.append((f"{setting}: DataLoader over {fmt} files (baseline)", throughput(folder, batches)))
             domain = DomainConfig(shards=ShardsConfig(path=str(root / f"shards_{fmt}"), shuffle_buffer=256), resize=resize)
             rate = throughput(train_loader("target", domain, data, labelled=False, seed=0, batches=batches + 8), batches)
             rows.append((f"{setting}: streaming {fmt} shards", rate))
@@ -102,7 +106,13 @@ def bench_training(iters: int) -> list[tuple[str, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         toy = make_toy(Path(tmp) / "toy", num_source=64, num_target=64, num_val=16)
         for method in ("source_only", "dacs"):
-            sets = [f"output={tmp}/{method}", f"max_iters={iters}", "progress=false", f"data.source.folder.root={toy['source']}", f"data.val.folder.root={toy['target_val']}"]
+            sets = [
+                f"output.path={tmp}/{method}",
+                f"max_iters={iters}",
+                "progress=false",
+                f"data.source.folder.root={toy['source']}",
+                f"data.val.folder.root={toy['target_val']}",
+            ]
             if method == "dacs":
                 sets.append(f"data.target.shards.path={toy['target']}")
             summary = train(load_config(Path(__file__).parents[1] / "configs" / f"toy_{method}.yaml", TrainConfig, sets))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.text import Text
 
 from dreamshard import __version__
 from dreamshard.errors import UserError
@@ -27,7 +28,8 @@ SET_HELP = "Override a config value: --set dotted.key=value (repeatable; values 
 
 
 def fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # The message as it is: text like `[low, high]` must not be read as rich markup.
+    console.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -93,9 +95,13 @@ def generate(
     config: Path = typer.Argument(..., help="Generation config YAML (configs/quickstart.yaml, configs/datum_*.yaml, ...)."),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
     out: Optional[str] = typer.Option(None, "--out", help="Output directory or fsspec URL (s3://, gs://); default: output.path."),
-    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=1, help="Samples in the dataset; default: run.num_samples. Raising it extends a finished run."),
+    num_samples: Optional[int] = typer.Option(
+        None, "--num-samples", min=1, help="Samples in the dataset; default: run.num_samples. Raising it extends a finished run."
+    ),
     address: Optional[str] = typer.Option(None, help="Ray cluster to join ('auto', 'ray://host:10001'); default: an embedded local Ray."),
-    force_new: bool = typer.Option(False, "--force-new", help="If OUT holds a different dataset, write to a new sibling OUT-2, OUT-3, ... instead of refusing."),
+    force_new: bool = typer.Option(
+        False, "--force-new", help="If OUT holds a different dataset, write to a new sibling OUT-2, OUT-3, ... instead of refusing."
+    ),
 ) -> None:
     """Generate a WebDataset dataset with Ray workers. Re-running the same command resumes (committed
     shards are kept); a higher --num-samples extends it. Layout: docs/format.md; clusters: docs/cluster.md."""
@@ -166,7 +172,7 @@ def personalize(
     way. Re-running the same command resumes from the newest checkpoint. Multi-GPU: `accelerate launch -m
     dreamshard personalize ...`."""
     from dreamshard.config import PersonalizeConfig, load_config
-    from dreamshard.engine.personalize import personalize as run_personalize
+    from dreamshard.personalize.dreambooth import personalize as run_personalize
 
     run_personalize(load_config(config, PersonalizeConfig, sets))
 
@@ -185,7 +191,9 @@ def train(
 
     summary = run_train(load_config(config, TrainConfig, sets))
     if summary["mIoU"] is not None:
-        console.print(f"{summary['output']}: mIoU {100 * summary['mIoU']:.2f} after {summary['iterations']} iterations ({summary['wall_s']:.0f} s)", highlight=False)
+        console.print(
+            f"{summary['output']}: mIoU {100 * summary['mIoU']:.2f} after {summary['iterations']} iterations ({summary['wall_s']:.0f} s)", highlight=False
+        )
 
 
 @app.command("eval")
@@ -200,7 +208,7 @@ def evaluate(
     import json
 
     from dreamshard.config import TrainConfig, load_config
-    from dreamshard.trainer.loop import evaluate_checkpoint
+    from dreamshard.trainer.evaluation import evaluate_checkpoint
 
     summary = evaluate_checkpoint(load_config(config, TrainConfig, sets), checkpoint)
     if output is not None:
@@ -233,7 +241,7 @@ def study(
 ) -> None:
     """Dataset-size scaling study: train on nested subsets x seeds (Ray tasks), write study.{parquet,csv,md,png}."""
     from dreamshard.config import StudyConfig, load_config
-    from dreamshard.trainer.study import run_study
+    from dreamshard.study import run_study
 
     summary = run_study(load_config(config, StudyConfig, sets), address=address)
     console.print((summary.out / "study.md").read_text(), highlight=False)

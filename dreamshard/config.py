@@ -26,6 +26,9 @@ class Strict(BaseModel):
 
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
 
+MODES = ("txt2img", "img2img", "controlnet_seg")  # generation modes; all but txt2img keep a source label
+CONDITIONED_MODES = MODES[1:]
+
 
 # --------------------------------------------------------------------------------------------- model
 
@@ -53,7 +56,7 @@ class ModelConfig(Strict):
 
 
 class SourceConfig(Strict):
-    """A labelled source dataset on disk (read by `dreamshard.trainer.sources`, shared by engine and trainer).
+    """A labelled source dataset on disk (read by `dreamshard.datasets.sources`, shared by engine and trainer).
 
     Layouts: `cityscapes` (leftImg8bit/{split}/{city}/*_leftImg8bit.png + gtFine/{split}/{city}/*_gtFine_labelIds.png),
     `gta5` (images/*.png + labels/*.png), `synthia` (RGB/*.png + GT/LABELS/*.png, 16-bit), `generic`
@@ -154,7 +157,7 @@ class RunConfig(Strict):
 
 
 class GenerateConfig(Strict):
-    mode: Literal["txt2img", "img2img", "controlnet_seg"] = "txt2img"
+    mode: Literal[MODES] = "txt2img"
     model: ModelConfig = ModelConfig()
     prompts: PromptsConfig = PromptsConfig()
     sampling: SamplingConfig = SamplingConfig()
@@ -165,7 +168,7 @@ class GenerateConfig(Strict):
 
 
 # ------------------------------------------------------------------------------------- personalize
-# DreamBooth personalisation (`dreamshard personalize`), owned by dreamshard.engine.personalize.
+# DreamBooth personalisation (`dreamshard personalize`), owned by dreamshard.personalize.dreambooth.
 # Output layout: OUT/ is the final model (a full pipeline directory, or a LoRA directory with
 # dreamshard_lora.json), OUT/checkpoint-{step}/ every `output.checkpoint_every` steps before the last is the
 # same kind of loadable output, OUT/train_log.jsonl the per-step log, OUT/class_images/ the prior images.
@@ -225,7 +228,8 @@ class PersonalizeConfig(Strict):
 
 
 class ShardsConfig(Strict):
-    """Engine shards: a run directory (committed shards only), a glob, a brace pattern or http(s)/pipe: URLs."""
+    """Engine shards: a run directory (committed shards only), a glob or a brace pattern, on the local disk or
+    any fsspec URL (s3://, gs://, http(s)://, ...); `pipe:` URLs only with data.allow_pipe."""
 
     path: str
     subset: int | None = Field(None, ge=1)  # the first N samples of the run's manifest (scaling studies)
@@ -241,7 +245,7 @@ class DomainConfig(Strict):
 
     folder: SourceConfig | None = None
     shards: ShardsConfig | None = None
-    resize: tuple[int, int] | None = None  # (width, height) before cropping; None keeps the stored size
+    resize: tuple[int, int] | None = None  # (height, width) before cropping; None keeps the stored size
 
     @model_validator(mode="after")
     def _one_kind(self) -> DomainConfig:
@@ -260,6 +264,10 @@ class TrainDataConfig(Strict):
     batch_size: int = Field(2, ge=1)  # per rank and domain
     workers: int = Field(4, ge=0)  # DataLoader workers per domain and rank
     cache_dir: str = ".cache/dreamshard"  # rare-class-sampling statistics, computed once per source dataset
+    # Shard streams skip bad shards and samples, but stop (one line, exit 1) when more than this share of the
+    # shards read so far failed, or every one did.
+    max_bad_fraction: float = Field(0.5, ge=0, le=1)
+    allow_pipe: bool = False  # `pipe:` shard URLs run a shell command; off unless you mean it
 
 
 class TrainModelConfig(Strict):
@@ -337,9 +345,13 @@ class EvalConfig(Strict):
     workers: int = Field(2, ge=0)
 
 
+class TrainOutputConfig(Strict):
+    path: str = "runs/train"  # checkpoints, metrics, eval tables, summary.json
+
+
 class TrainConfig(Strict):
     method: Literal["dacs", "source_only", "supervised_synthetic"] = "dacs"
-    output: str = "runs/train"
+    output: TrainOutputConfig = TrainOutputConfig()
     seed: int = 0
     max_iters: int = Field(40000, ge=1)
     log_interval: int = Field(50, ge=1)
@@ -394,6 +406,10 @@ class StudyResources(Strict):
     num_gpus: float = Field(0, ge=0)  # 1 on a GPU cluster: one run per GPU
 
 
+class StudyOutputConfig(Strict):
+    path: str = "runs/study"  # study.{parquet,csv,md,png} and runs/<run id>/
+
+
 class StudyConfig(Strict):
     data: StudyDataConfig
     train: StudyTrainConfig
@@ -403,7 +419,7 @@ class StudyConfig(Strict):
     fixed: Literal["iterations", "epochs"] = "iterations"  # same compute at every size, or same epochs
     iterations: int | None = Field(None, ge=1)  # fixed: iterations (default: the training config's max_iters)
     epochs: float | None = Field(None, gt=0)  # fixed: epochs
-    output: str = "runs/study"
+    output: StudyOutputConfig = StudyOutputConfig()
     resources: StudyResources = StudyResources()
     max_retries: int = Field(1, ge=0)  # per run, then it is reported as failed
 

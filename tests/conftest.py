@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -24,18 +22,12 @@ def ray_cluster() -> str:
     two 1-CPU workers plus room for a replacement or a test's own task on a 2-core machine."""
     import ray
 
+    from dreamshard.cluster import init_local_ray
+
     if ray.is_initialized():  # started by a test module of its own: share it, leave its shutdown to it
         yield ray.get_runtime_context().gcs_address
         return
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    context = ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        object_store_memory=128 << 20,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-    )
+    context = init_local_ray(num_cpus=4, object_store_memory=128 << 20)
     yield context.address_info["gcs_address"]
     ray.shutdown()
 

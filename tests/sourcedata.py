@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dreamshard.trainer.labels import CITYSCAPES_ID_TO_TRAIN_ID, SYNTHIA_ID_TO_TRAIN_ID
+from dreamshard.datasets.labels import CITYSCAPES_ID_TO_TRAIN_ID, SYNTHIA_ID_TO_TRAIN_ID
 
 CITYSCAPES_VALUES = (0, 7, 8, 11, 21, 23, 24, 26, 33)  # unlabeled, road, sidewalk, building, veg, sky, person, car, bicycle
 SYNTHIA_VALUES = (0, 1, 2, 3, 8, 10, 12, 17, 22)  # void, sky, building, road, car, pedestrian, motorcycle, rider, lanemarking

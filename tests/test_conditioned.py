@@ -7,19 +7,19 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
 import sourcedata
 import webdataset as wds
+from PIL import Image
+
 from dreamshard.config import ConditionConfig, GenerateConfig, ModelConfig, PromptsConfig, SamplingConfig, SourceConfig
+from dreamshard.datasets.labels import PALETTE
 from dreamshard.engine.conditioned import Conditioner, open_checked_source, seg_png
 from dreamshard.engine.models import load_pipeline
-from dreamshard.engine.manifest import read_manifest
 from dreamshard.engine.plan import build_plan
 from dreamshard.engine.run import generate
 from dreamshard.engine.tiny import build_tiny_model
 from dreamshard.errors import UserError
-from dreamshard.trainer.labels import PALETTE
+from dreamshard.format.reader import read_manifest
 
 DOMAINS = {"driving at night": 0.9, "driving in snow": 0.65}
 

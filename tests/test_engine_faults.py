@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from dreamshard.cli import app
 from dreamshard.config import GenerateConfig
-from dreamshard.engine.manifest import manifest_rows, read_manifest
 from dreamshard.engine.run import ACTOR_PREFIX, generate
 from dreamshard.engine.tools import verify_dataset
+from dreamshard.format.reader import manifest_rows, read_manifest
 
 pytestmark = pytest.mark.slow
 

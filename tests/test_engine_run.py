@@ -4,6 +4,7 @@ datasets; determinism, extension, fingerprint refusal and bad input."""
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -16,11 +17,11 @@ from typer.testing import CliRunner
 
 from dreamshard.cli import app
 from dreamshard.config import GenerateConfig
-from dreamshard.engine.manifest import manifest_rows, read_manifest
 from dreamshard.engine.plan import build_plan
 from dreamshard.engine.run import _choose_output, generate
 from dreamshard.engine.tools import verify_dataset
 from dreamshard.errors import UserError
+from dreamshard.format.reader import manifest_rows, read_manifest
 
 N, PER_SHARD = 120, 30
 
@@ -43,6 +44,10 @@ def make_config(model: Path, out: Path, **run) -> GenerateConfig:
 
 def read_tars(out: Path) -> list[dict]:
     return list(wds.WebDataset(sorted(glob.glob(f"{out}/shards/*.tar")), shardshuffle=False))
+
+
+def tar_digests(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "shards").glob("*.tar"))}
 
 
 def tar_stats(out: Path) -> dict[str, tuple[int, int]]:
@@ -124,6 +129,8 @@ def test_same_config_same_images_and_extension_keeps_existing_shards(first_run, 
     assert sorted(after) == [f"{k:06d}.tar" for k in range(4)]
     assert [(s["__key__"], s["jpg"]) for s in read_tars(out_b)] == [(k, s["jpg"]) for k, s in reference.items()]
     assert verify_dataset(out_b) == []
+    # Tars are reproducible: another output, worker count and time, the same plan and weights: the same bytes.
+    assert tar_digests(out_b) == tar_digests(out_a) and len(tar_digests(out_a)) == 4
 
     again = generate(one_worker, out=str(out_b), show_progress=False)  # complete already: nothing to do
     assert again.ok and again.shards_generated == 0 and again.shards_skipped == 4 and tar_stats(out_b) == after

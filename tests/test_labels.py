@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from dreamshard.datasets import labels
 from dreamshard.errors import UserError
-from dreamshard.trainer import labels
 
 # cityscapesScripts labels.py, ids 0..33 → trainId (255 = ignore), written out here independently of the module.
 CITYSCAPES_TRAIN_IDS = [255] * 7 + [0, 1, 255, 255, 2, 3, 4, 255, 255, 255, 5, 255, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 255, 255, 16, 17, 18]

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from dreamshard.cli import app
 from dreamshard.config import GenerateConfig, ModelConfig, PersonalizeConfig, validate
-from dreamshard.engine import personalize as personalize_module
 from dreamshard.engine.models import load_pipeline
-from dreamshard.engine.personalize import LORA_WEIGHTS, TRAINING_STATE, personalize, read_train_log
 from dreamshard.engine.tiny import build_tiny_model
+from dreamshard.personalize import dreambooth as personalize_module
+from dreamshard.personalize.dreambooth import LORA_WEIGHTS, TRAINING_STATE, personalize, read_train_log
 
 RESOLUTION = 64
 LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out", "q_proj", "k_proj", "v_proj", "out_proj")
@@ -166,7 +166,7 @@ def test_resume_after_interruption_continues_at_the_checkpoint(assets, lora_out,
     monkeypatch.setattr(personalize_module, "training_loss", interrupted_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         personalize(config)
-    assert (out / "checkpoint-2" / TRAINING_STATE).is_file() and not (out / LORA_WEIGHTS).exists()
+    assert (out / "checkpoint-2" / TRAINING_STATE).is_dir() and not (out / LORA_WEIGHTS).exists()
 
     calls.clear()
     monkeypatch.setattr(personalize_module, "training_loss", lambda *a, **k: calls.append(torch.is_grad_enabled()) or real_loss(*a, **k))

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from dreamshard.config import GenerateConfig, OutputConfig, PromptsConfig, RunConfig, SamplingConfig, load_config
+from dreamshard.datasets.labels import CLASSES as CITYSCAPES_CLASSES
 from dreamshard.engine.plan import SampleSpec, build_plan
-from dreamshard.trainer.labels import CLASSES as CITYSCAPES_CLASSES
 from dreamshard.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,9 +134,7 @@ def test_styles_record_only_what_the_template_prints():
             assert set(spec.style) == {"time_of_day"} and spec.prompt.endswith(spec.style["time_of_day"])
         for axis, value in spec.style.items():
             seen[axis].add(value)
-    assert {axis: sorted(values) for axis, values in seen.items()} == {
-        axis: sorted(values) for axis, values in DIDEX_LIKE["styles"].items()
-    }
+    assert {axis: sorted(values) for axis, values in seen.items()} == {axis: sorted(values) for axis, values in DIDEX_LIKE["styles"].items()}
 
 
 def test_steps_and_guidance_within_ranges():

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dreamshard.config import PromptsConfig, TemplateConfig
+from dreamshard.datasets.labels import CLASSES as CITYSCAPES_CLASSES
 from dreamshard.engine.prompts import (
     check_classes,
     check_templates,
@@ -16,7 +17,6 @@ from dreamshard.engine.prompts import (
     read_prompt_file,
 )
 from dreamshard.errors import UserError
-from dreamshard.trainer.labels import CLASSES as CITYSCAPES_CLASSES
 
 
 def test_cityscapes_classes_in_train_id_order():

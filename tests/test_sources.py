@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
+import sourcedata
 from PIL import Image
 
-import sourcedata
 from dreamshard.config import SourceConfig
+from dreamshard.datasets.sources import open_source, scan
 from dreamshard.errors import UserError
-from dreamshard.trainer.sources import open_source, scan
 
 
 def _load_all(config: SourceConfig) -> dict:

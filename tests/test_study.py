@@ -7,7 +7,7 @@ import yaml
 
 from dreamshard.config import GenerateConfig, StudyConfig, load_config
 from dreamshard.errors import UserError
-from dreamshard.trainer.study import available_samples, markdown_table, parse_sizes, run_study, write_results
+from dreamshard.study import available_samples, markdown_table, parse_sizes, run_study, write_results
 
 
 def test_parse_sizes_list_and_log_spaced():
@@ -27,10 +27,30 @@ def rows():
     made = []
     for size, mious in ((10, [0.2, 0.3]), (40, [0.5, 0.6])):
         for seed, miou in enumerate(mious):
-            made.append({"run_id": f"n{size}-s{seed}", "size": size, "seed": seed, "miou": miou,
-                         "per_class_iou": {"road": miou, "car": None}, "wall_seconds": 1.0, "images_per_s": 5.0, "iterations": 3})
-    made.append({"run_id": "baseline-s0", "size": None, "seed": 0, "miou": 0.1, "per_class_iou": {"road": 0.1, "car": None},
-                 "wall_seconds": 1.0, "images_per_s": 5.0, "iterations": 3})
+            made.append(
+                {
+                    "run_id": f"n{size}-s{seed}",
+                    "size": size,
+                    "seed": seed,
+                    "miou": miou,
+                    "per_class_iou": {"road": miou, "car": None},
+                    "wall_seconds": 1.0,
+                    "images_per_s": 5.0,
+                    "iterations": 3,
+                }
+            )
+    made.append(
+        {
+            "run_id": "baseline-s0",
+            "size": None,
+            "seed": 0,
+            "miou": 0.1,
+            "per_class_iou": {"road": 0.1, "car": None},
+            "wall_seconds": 1.0,
+            "images_per_s": 5.0,
+            "iterations": 3,
+        }
+    )
     return made
 
 
@@ -82,8 +102,15 @@ def train_yaml(tmp_path, toy, method="dacs"):
 
 
 def study_config(tmp_path, train_config, run, sizes, **extra) -> StudyConfig:
-    data = {"data": {"run": str(run), **extra.pop("data", {})}, "train": {"config": str(train_config), **extra.pop("train", {})},
-            "sizes": sizes, "seeds": [0, 1], "iterations": 2, "output": str(tmp_path / "study"), **extra}
+    data = {
+        "data": {"run": str(run), **extra.pop("data", {})},
+        "train": {"config": str(train_config), **extra.pop("train", {})},
+        "sizes": sizes,
+        "seeds": [0, 1],
+        "iterations": 2,
+        "output": {"path": str(tmp_path / "study")},
+        **extra,
+    }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(data))
     return load_config(path, StudyConfig)
@@ -95,12 +122,13 @@ def result_stamps(out: Path) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_study_runs_every_size_and_seed_once_and_resumes(tmp_path, toy, ray_cluster):
-    config = study_config(tmp_path, train_yaml(tmp_path, toy), toy["target"], [4, 8, 16], stratified=True,
-                          train={"baseline": str(train_yaml(tmp_path, toy, "source_only"))})
+    config = study_config(
+        tmp_path, train_yaml(tmp_path, toy), toy["target"], [4, 8, 16], stratified=True, train={"baseline": str(train_yaml(tmp_path, toy, "source_only"))}
+    )
     first = run_study(config, show_progress=False)
     assert first.ok, first.failed
     assert len(first.trained) == 8  # 3 sizes x 2 seeds + baseline x 2 seeds
-    out = Path(config.output)
+    out = Path(config.output.path)
     import pyarrow.parquet as pq
 
     table = pq.read_table(out / "study.parquet").to_pylist()
@@ -130,8 +158,11 @@ def test_study_refuses_sizes_beyond_the_data_when_extend_is_off(tmp_path, toy):
 def test_study_extends_the_dataset_with_only_the_missing_shards(tmp_path, toy, tiny_model, ray_cluster):
     from dreamshard.engine.run import generate
 
-    gen = load_config(REPO / "configs/quickstart.yaml", GenerateConfig,
-                      [f"model.path={tiny_model}", "run.num_samples=16", "output.samples_per_shard=8", "run.workers=1", "sampling.steps=2"])
+    gen = load_config(
+        REPO / "configs/quickstart.yaml",
+        GenerateConfig,
+        [f"model.path={tiny_model}", "run.num_samples=16", "output.samples_per_shard=8", "run.workers=1", "sampling.steps=2"],
+    )
     run_dir = tmp_path / "generated"
     assert generate(gen, out=str(run_dir), show_progress=False).ok
     before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "shards").glob("*.tar")}

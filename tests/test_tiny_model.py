@@ -55,7 +55,7 @@ def test_same_seed_same_weights_other_seed_differs(tiny, tmp_path):
     assert model_fingerprint(other) != model_fingerprint(tiny)
 
 
-def test_generation_is_deterministic_and_fast(tiny):
+def test_generation_is_deterministic_per_seed(tiny):
     pipe = load_pipeline(ModelConfig(path=str(tiny)))  # one torch thread (conftest)
 
     def image(seed):

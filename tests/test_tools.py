@@ -14,9 +14,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dreamshard.cli import app
-from dreamshard.engine.manifest import committed_shards, manifest_rows, read_manifest, write_dataset
 from dreamshard.engine.tools import inspect_dataset, preview_grid, read_shard, verify_dataset
-from dreamshard.engine.writer import JSON_FIELDS, ShardSample, ShardWriter, Store, write_shard
+from dreamshard.format.reader import committed_shards, manifest_rows, read_manifest, write_dataset
+from dreamshard.format.record import JSON_FIELDS
+from dreamshard.format.shards import ShardSample, ShardWriter, write_shard
+from dreamshard.format.store import Store
 
 CLASSES = ["car", "bus", "truck"]
 
@@ -128,7 +130,7 @@ def test_writer_reorders_to_the_expected_index_order(tmp_path):
     assert [key for key, _ in read_shard(store, 0)] == [f"{i:09d}" for i in range(4)]
 
 
-def test_object_store_urls_upload_whole_files_marker_last(tmp_path):
+def test_memory_url_run_is_written_verified_and_read_back(tmp_path):
     url = f"memory://dreamshard-test-{uuid.uuid4().hex}/run"
     store = write_dataset(url, samples(12), samples_per_shard=5)
     assert not store.is_local and sorted(committed_shards(store, 5)) == [0, 1, 2]

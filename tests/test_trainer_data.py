@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from dreamshard.config import DomainConfig, RCSConfig, ShardsConfig, TrainDataConfig
-from dreamshard.engine.manifest import write_dataset
-from dreamshard.engine.writer import ShardSample
 from dreamshard.errors import UserError
-from dreamshard.trainer.data import Augment, RareClassSampler, check_labels, resolve_shards, train_loader
+from dreamshard.format.reader import write_dataset
+from dreamshard.format.shards import ShardSample
+from dreamshard.trainer.data import Augment, DataError, RareClassSampler, check_labels, resolve_shards, train_loader
 
 SIZE = 24
 
@@ -74,7 +74,7 @@ def test_subset_is_exactly_the_first_n_manifest_samples(run_dir):
 
 
 def test_stratified_subsets_are_balanced_and_nested(tmp_path):
-    from dreamshard.trainer.data import stratified_order
+    from dreamshard.format.reader import stratified_order
 
     classes = ["car"] * 8 + ["bus"] * 2 + ["train"] * 2  # a plan that made cars first
     image = Image.new("RGB", (8, 8))
@@ -108,10 +108,54 @@ def test_corrupt_shard_is_skipped_and_counted(run_dir, tmp_path):
     noimage = tmp_path / "noimage.tar"
     noimage.write_bytes(b"")  # an empty file is not a tar
     domain = DomainConfig(shards=ShardsConfig(path=f"{{{bad},{noimage},{good}}}", shuffle_buffer=0))
-    data = TrainDataConfig(crop_size=(SIZE, SIZE), batch_size=4, workers=0)
+    data = TrainDataConfig(crop_size=(SIZE, SIZE), batch_size=4, workers=0, max_bad_fraction=0.9)
     batches = list(train_loader("target", domain, data, labelled=False, seed=0, batches=30))
     assert len(batches) == 30  # training goes on
     assert batches[-1]["skipped"] > 0
+    # With the default budget (half the shards read), two bad shards of three stop the stream instead.
+    with pytest.raises(DataError, match=r"target data: \d+ of \d+ shards read failed, more than data.max_bad_fraction \(0.5\)"):
+        list(train_loader("target", domain, TrainDataConfig(crop_size=(SIZE, SIZE), batch_size=4, workers=0), labelled=False, seed=0, batches=30))
+
+
+@pytest.mark.parametrize("resampled", [True, False])
+def test_every_shard_unreadable_ends_the_stream(tmp_path, resampled):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.tar").write_bytes(b"not a tar at all" * 10)
+    domain = DomainConfig(shards=ShardsConfig(path=f"{tmp_path}/*.tar", shuffle_buffer=0, resampled=resampled))
+    data = TrainDataConfig(crop_size=(SIZE, SIZE), batch_size=4, workers=0)
+    with pytest.raises(DataError, match="target data: every shard read failed") as caught:
+        list(train_loader("target", domain, data, labelled=False, seed=0, batches=30))
+    assert "first error:" in str(caught.value) and len(str(caught.value).splitlines()) == 1
+
+
+def test_labelled_domain_on_shards_without_labels_names_the_fix(run_dir):
+    domain = DomainConfig(shards=ShardsConfig(path=str(run_dir), shuffle_buffer=0))
+    data = TrainDataConfig(crop_size=(8, 8), batch_size=4, workers=0)
+    with pytest.raises(DataError, match="no sample has seg.png.*label-keeping shards"):
+        list(train_loader("target", domain, data, labelled=True, seed=0, batches=30))
+
+
+def test_supervised_synthetic_on_txt2img_shards_is_one_line_exit_1(run_dir, tmp_path):
+    """Through the CLI with DataLoader worker processes, as a user runs it: no hang, no traceback."""
+    import json
+    import time
+
+    from typer.testing import CliRunner
+
+    from dreamshard.cli import app
+
+    config = {
+        "method": "supervised_synthetic", "output": {"path": str(tmp_path / "out")}, "max_iters": 5, "progress": False,
+        "data": {"target": {"shards": {"path": str(run_dir), "shuffle_buffer": 0}}, "crop_size": [8, 8], "batch_size": 2, "workers": 2},
+        "model": {"backbone": "test_resnet", "embed_dim": 8, "num_classes": 3},
+    }  # fmt: skip
+    (tmp_path / "train.yaml").write_text(json.dumps(config))
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "train.yaml")])
+    print(f"supervised_synthetic on txt2img shards ended after {time.perf_counter() - started:.1f} s")  # reported, not asserted
+    assert result.exit_code == 1, result.output
+    assert "no sample has seg.png" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
 
 
 def test_labelled_shards_and_label_range_check(tmp_path):
@@ -134,11 +178,11 @@ def test_augment_resizes_crops_pads_and_keeps_image_and_label_aligned():
     image, crop = Augment(resize=None, crop=(16, 16), flip=True, cat_max_ratio=1.0)(Image.fromarray(pixels), label, rng)
     assert image.shape == (3, 16, 16) and crop.shape == (16, 16)
     assert torch.equal(image[0] == 200, crop == 1)  # same crop and flip for both
-    image, crop = Augment(resize=(10, 8), crop=(12, 12), flip=False)(Image.fromarray(pixels), label, rng)
+    image, crop = Augment(resize=(8, 10), crop=(12, 12), flip=False)(Image.fromarray(pixels), label, rng)
     assert image.shape == (3, 12, 12) and (crop[8:] == 255).all() and (image[:, 8:] == 0).all()  # padded
     encoded = io.BytesIO()
     Image.fromarray(pixels).save(encoded, format="JPEG")
-    assert Augment(resize=(20, 15), crop=(8, 8), flip=False).decode(encoded.getvalue()).size[0] >= 20  # draft never undershoots
+    assert Augment(resize=(15, 20), crop=(8, 8), flip=False).decode(encoded.getvalue()).size[0] >= 20  # draft never undershoots
 
 
 def test_rare_class_sampling_favours_rare_classes():
@@ -160,7 +204,7 @@ def test_supervised_synthetic_on_labelled_shards_evaluated_on_shards(tmp_path):
     _write_run(tmp_path / "synthetic", num_samples=8, per_shard=4, label_value=2)
     shards = {"shards": {"path": str(tmp_path / "synthetic"), "shuffle_buffer": 0}}
     config = TrainConfig(
-        method="supervised_synthetic", output=str(tmp_path / "out"), max_iters=2, progress=False,
+        method="supervised_synthetic", output={"path": str(tmp_path / "out")}, max_iters=2, progress=False,
         data={"target": shards, "val": shards, "crop_size": (16, 16), "batch_size": 2, "workers": 0},
         model={"backbone": "test_resnet", "decoder": "segformer", "embed_dim": 8, "num_classes": 3},
         optim={"warmup_iters": 0, "grad_accum": 2},
@@ -192,7 +236,7 @@ def test_toy_data_command_writes_engine_shards_and_folders(tmp_path):
     from typer.testing import CliRunner
 
     from dreamshard.cli import app
-    from dreamshard.engine.manifest import read_manifest
+    from dreamshard.format.reader import read_manifest
 
     result = CliRunner().invoke(app, ["toy-data", str(tmp_path / "toy"), "--size", "16"])
     assert result.exit_code == 0, result.output

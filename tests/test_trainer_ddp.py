@@ -20,7 +20,7 @@ def test_two_ranks_take_the_same_steps_and_end_with_identical_weights(tmp_path):
     toy = make_toy(tmp_path / "toy", seed=3, size=32, num_source=16, num_target=40, num_val=4, samples_per_shard=32)  # shards of 32 and 8
     out = tmp_path / "ddp"
     sets = {
-        "output": out,
+        "output.path": out,
         "max_iters": 4,
         "log_interval": 2,
         "progress": "false",
@@ -32,7 +32,19 @@ def test_two_ranks_take_the_same_steps_and_end_with_identical_weights(tmp_path):
         "model.embed_dim": 16,
         "model.backbone": "test_resnet",
     }
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dreamshard", "-q", "train", str(ROOT / "configs" / "toy_dacs.yaml")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "dreamshard",
+        "-q",
+        "train",
+        str(ROOT / "configs" / "toy_dacs.yaml"),
+    ]
     for key, value in sets.items():
         command += ["--set", f"{key}={value}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -23,7 +23,7 @@ def toy(tmp_path_factory):
 
 
 def toy_sets(toy: dict, out: Path, method: str, **extra) -> list[str]:
-    sets = {"output": out, "progress": "false", "data.source.folder.root": toy["source"], "data.val.folder.root": toy["target_val"], **extra}
+    sets = {"output.path": out, "progress": "false", "data.source.folder.root": toy["source"], "data.val.folder.root": toy["target_val"], **extra}
     if method == "dacs":
         sets["data.target.shards.path"] = toy["target"]
     return [f"{key}={value}" for key, value in sets.items()]
@@ -71,11 +71,13 @@ def test_resume_checkpoint_eval_and_bad_input(toy, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "m.json").read_text())["mIoU"] == pytest.approx(second["mIoU"])  # same weights, same data
 
-    result = runner.invoke(app, ["eval", config, "--checkpoint", str(out / "checkpoints" / "iter_0000003"), *sets, "--set", "model.num_classes=6", "--set", "model.class_names=[]"])
+    result = runner.invoke(
+        app, ["eval", config, "--checkpoint", str(out / "checkpoints" / "iter_0000003"), *sets, "--set", "model.num_classes=6", "--set", "model.class_names=[]"]
+    )
     assert result.exit_code == 2 and "predicts 5 classes" in result.output and "Traceback" not in result.output
 
-    result = runner.invoke(app, ["train", config, *sets, "--set", f"data.target.shards.path={tmp_path}/missing/*.tar", "--set", f"output={tmp_path}/x"])
+    result = runner.invoke(app, ["train", config, *sets, "--set", f"data.target.shards.path={tmp_path}/missing/*.tar", "--set", f"output.path={tmp_path}/x"])
     assert result.exit_code == 2 and "no shards matched" in result.output
 
-    result = runner.invoke(app, ["train", config, *sets, "--set", "model.num_classes=3", "--set", "model.class_names=[]", "--set", f"output={tmp_path}/y"])
+    result = runner.invoke(app, ["train", config, *sets, "--set", "model.num_classes=3", "--set", "model.class_names=[]", "--set", f"output.path={tmp_path}/y"])
     assert result.exit_code == 2 and "not in the train_ids map" in result.output  # toy labels hold ids 0..4

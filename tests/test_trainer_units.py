@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from dreamshard.config import TrainModelConfig, UDAConfig
-from dreamshard.trainer.labels import SYNTHIA16
+from dreamshard.datasets.labels import SYNTHIA16
 from dreamshard.trainer.loop import lr_factor
+from dreamshard.trainer.methods import DACS, class_mix_masks, downscale_labels, mask_blocks, strong_augment, weighted_ce
 from dreamshard.trainer.metrics import confusion_metric, per_class_iou, summarize
 from dreamshard.trainer.model import Segmenter, head_parameter_groups
-from dreamshard.trainer.uda import DACS, class_mix_masks, downscale_labels, mask_blocks, strong_augment, weighted_ce
 
 
 def test_iou_from_torchmetrics_confmat_ignores_255_and_skips_absent_classes():
@@ -148,6 +148,32 @@ def test_dacs_step_with_fd_and_mic_backpropagates_every_loss():
     logs = dacs.step(batch, lambda loss: (losses.append(loss.item()), loss.backward()))
     assert set(logs) == {"loss_source", "loss_fd", "loss_mix", "loss_mic", "pseudo_quality"}
     assert len(losses) == 3  # source(+FD), mix, MIC: one backward each, before one optimiser step
-    assert 0 < logs["loss_fd"] < 1  # thing pixels exist; λ = 0.005 keeps the term small
+    assert logs["loss_fd"] >= 0  # the value itself is checked in test_feature_distance_* below
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert all(p.grad is None for p in dacs.teacher.parameters()) and all(p.grad is None for p in dacs.imnet.parameters())
+
+
+def test_feature_distance_is_weighted_mean_l2_over_thing_pixels():
+    torch.manual_seed(0)
+    model = Segmenter(TrainModelConfig(backbone="test_resnet", decoder="daformer", embed_dim=16, num_classes=4)).eval()
+    config = UDAConfig(fd={"enabled": True, "thing_classes": [2], "scale_min_ratio": 0.75, "weight": 0.5})
+    dacs = DACS(model, config, num_classes=4)
+    images = torch.rand(2, 3, 64, 64)
+    labels = torch.zeros(2, 64, 64, dtype=torch.long)
+    labels[:, 32:, :32] = 2  # a thing region, block-aligned with the stride-32 feature grid
+    # The student still equals the frozen copy and both run in eval mode: no distance at all.
+    _, features = model(images, with_features=True)
+    assert dacs.feature_distance(features[-1], images, labels).item() == 0
+    # Moved away from it: λ · mean over thing cells of the L2 norm of the feature difference, by hand.
+    with torch.no_grad():
+        for param in model.backbone.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    _, features = model(images, with_features=True)
+    student, frozen = features[-1], dacs.imnet((images - model.mean) / model.std)[-1]
+    cells = student.shape[-1]
+    thing_cells = labels[:, :: 64 // cells, :: 64 // cells] == 2  # each cell is all-thing or all-background here
+    expected = 0.5 * torch.norm(student - frozen, dim=1)[thing_cells].mean()
+    assert thing_cells.any() and not thing_cells.all()
+    assert dacs.feature_distance(student, images, labels).item() == pytest.approx(expected.item(), rel=1e-5)
+    # No thing pixel in the batch: no FD term.
+    assert dacs.feature_distance(student, images, torch.zeros_like(labels)).item() == 0

@@ -20,19 +20,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
-from dreamshard.config import ConditionConfig, GenerateConfig, SourceConfig
+from dreamshard.config import CONDITIONED_MODES, ConditionConfig, GenerateConfig, SourceConfig
+from dreamshard.datasets.labels import colourise, parse_palette
+from dreamshard.datasets.sources import LabelledSource, open_source, scan
+from dreamshard.engine.generation import SampleStamp, call_pipeline
 from dreamshard.engine.plan import SampleSpec
-from dreamshard.engine.writer import ShardSample
 from dreamshard.errors import UserError
-from dreamshard.trainer.labels import colourise, parse_palette
-from dreamshard.trainer.sources import LabelledSource, open_source, scan
+from dreamshard.format.layout import LABEL_FIELD
+from dreamshard.format.shards import ShardSample
 
 log = logging.getLogger(__name__)
-
-CONDITIONED_MODES = ("img2img", "controlnet_seg")
 
 
 @dataclass(frozen=True)
@@ -107,7 +106,7 @@ class Conditioner:
             self._img2img_pipe.set_progress_bar_config(disable=True)
         return self._img2img_pipe
 
-    def generate(self, pipe, specs: list[SampleSpec]) -> list[ShardSample]:
+    def generate(self, pipe, specs: list[SampleSpec], stamp: SampleStamp) -> list[ShardSample]:
         """The worker's per-mode function: specs sharing (steps, guidance, size) → samples with `seg.png`.
         Specs with different strengths go to separate pipeline calls; each sample's noise comes from its
         own CPU generator seeded from the plan, as in txt2img."""
@@ -120,20 +119,10 @@ class Conditioner:
             self._loaders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="source-loader")
         for group in by_strength.values():
             samples = list(self._loaders.map(self.prepare, group))
-            first = group[0]
-            result = self.pipeline_for(pipe, samples)(
-                prompt=[spec.prompt for spec in group],
-                negative_prompt=[spec.negative_prompt for spec in group],
-                num_inference_steps=first.steps,
-                guidance_scale=first.guidance_scale,
-                generator=[torch.Generator("cpu").manual_seed(spec.seed) for spec in group],
-                output_type="pil",
-                **self.pipeline_kwargs(samples),
-            )
-            for spec, sample, image in zip(group, samples, result.images):
+            images = call_pipeline(self.pipeline_for(pipe, samples), group, **self.pipeline_kwargs(samples))
+            for spec, sample, image in zip(group, samples, images):
                 image, seg = self.finish(image, sample)
-                metadata = {**spec.metadata(), "source_key": sample.key}
-                done[spec.index] = ShardSample(metadata=metadata, image=image, files={"seg.png": seg})
+                done[spec.index] = ShardSample(metadata=stamp(spec, source_key=sample.key), image=image, files={LABEL_FIELD: seg})
         return [done[spec.index] for spec in specs]
 
     @staticmethod

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import torch
 
-from dreamshard.config import ModelConfig
+from dreamshard.config import MODES, ModelConfig
 from dreamshard.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
 LORA_MANIFEST = "dreamshard_lora.json"
-MODES = ("txt2img", "img2img", "controlnet_seg")
 
 # scheduler name -> (diffusers class name, extra config)
 SCHEDULERS = {

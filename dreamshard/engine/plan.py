@@ -123,8 +123,17 @@ class Plan:
             prompts, extras = self.file.prompts, self.file.extras
             return [
                 SampleSpec(
-                    index=i, prompt=prompts[i % len(prompts)], negative_prompt=self.negative_prompt, class_name="",
-                    class_id=-1, template="", style={}, seed=seed, steps=steps, guidance_scale=guidance, **size,
+                    index=i,
+                    prompt=prompts[i % len(prompts)],
+                    negative_prompt=self.negative_prompt,
+                    class_name="",
+                    class_id=-1,
+                    template="",
+                    style={},
+                    seed=seed,
+                    steps=steps,
+                    guidance_scale=guidance,
+                    **size,
                     extra={**extras[i % len(prompts)], "file_row": i % len(prompts)},
                 )  # fmt: skip
                 for i, seed, steps, guidance in common
@@ -132,8 +141,7 @@ class Plan:
         template_ids = self._template_ids(index)
         class_ids = self._class_ids(index, template_ids)
         style_values = {
-            axis: [values[k] for k in (self._draw(f"style:{axis}", index) % np.uint64(len(values))).tolist()]
-            for axis, values in self.styles.items()
+            axis: [values[k] for k in (self._draw(f"style:{axis}", index) % np.uint64(len(values))).tolist()] for axis, values in self.styles.items()
         }
         specs = []
         for n, (i, seed, steps, guidance) in enumerate(common):
@@ -143,9 +151,18 @@ class Plan:
             prompt = template.fill({"token": self.token, "cls": class_name, **style})
             specs.append(
                 SampleSpec(
-                    index=i, prompt=prompt, negative_prompt=template.negative_prompt, class_name=class_name,
-                    class_id=class_id, template=template.text, style=style, seed=seed, steps=steps,
-                    guidance_scale=guidance, **size, extra={},
+                    index=i,
+                    prompt=prompt,
+                    negative_prompt=template.negative_prompt,
+                    class_name=class_name,
+                    class_id=class_id,
+                    template=template.text,
+                    style=style,
+                    seed=seed,
+                    steps=steps,
+                    guidance_scale=guidance,
+                    **size,
+                    extra={},
                 )  # fmt: skip
             )
         return specs
@@ -229,9 +246,7 @@ class Plan:
         else:
             inputs |= {
                 "token": prompts.token,
-                "templates": [
-                    {"text": t.text, "weight": t.weight, "negative_prompt": t.negative_prompt} for t in self.templates
-                ],
+                "templates": [{"text": t.text, "weight": t.weight, "negative_prompt": t.negative_prompt} for t in self.templates],
                 "styles": self.styles,
             }
             if self.uses_class:
@@ -270,9 +285,7 @@ def _steps_range(steps: int | tuple[int, int]) -> tuple[int, int]:
 def _guidance_range(guidance: float | tuple[float, float]) -> tuple[float, float]:
     low, high = (guidance, guidance) if isinstance(guidance, (int, float)) else guidance
     if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or high < low:
-        raise UserError(
-            f"sampling.guidance_scale = {guidance}: need a number >= 0 or a range [low, high] with 0 <= low <= high"
-        )
+        raise UserError(f"sampling.guidance_scale = {guidance}: need a number >= 0 or a range [low, high] with 0 <= low <= high")
     return float(low), float(high)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dreamshard.config import PromptsConfig
-from dreamshard.errors import UserError
+from dreamshard.errors import UserError, one_line
 
 RESERVED_PLACEHOLDERS = ("token", "cls")
 PROMPT_FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -105,8 +105,7 @@ def check_styles(styles: dict[str, list[str]]) -> None:
     for axis, values in styles.items():
         if not axis.isidentifier() or axis in RESERVED_PLACEHOLDERS:
             raise UserError(
-                f"prompts.styles: axis name {axis!r} must be an identifier other than "
-                f"{' and '.join(RESERVED_PLACEHOLDERS)}, e.g. weather or time_of_day"
+                f"prompts.styles: axis name {axis!r} must be an identifier other than {' and '.join(RESERVED_PLACEHOLDERS)}, e.g. weather or time_of_day"
             )
         if not values:
             raise UserError(f"prompts.styles.{axis} is empty; list its values, e.g. [rainy, snowy, foggy]")
@@ -116,9 +115,7 @@ def check_classes(prompts: PromptsConfig) -> list[float]:
     """Per-class weights aligned with `prompts.classes` (1.0 where not given), after checking names."""
     classes = prompts.classes
     if not classes:
-        raise UserError(
-            "prompts.classes is empty but a template uses {cls}; list class names, e.g. [car, bus, person]"
-        )
+        raise UserError("prompts.classes is empty but a template uses {cls}; list class names, e.g. [car, bus, person]")
     seen = set()
     for name in classes:
         if not name.strip():
@@ -128,15 +125,10 @@ def check_classes(prompts: PromptsConfig) -> list[float]:
         seen.add(name)
     for name, weight in prompts.class_weights.items():
         if name not in seen:
-            raise UserError(
-                f"prompts.class_weights: unknown class {name!r}; valid classes: {', '.join(classes)}"
-            )
+            raise UserError(f"prompts.class_weights: unknown class {name!r}; valid classes: {', '.join(classes)}")
         check_weight(weight, f"prompts.class_weights.{name}")
     if prompts.class_weights and prompts.balance == "round_robin":
-        raise UserError(
-            "prompts.class_weights has no effect with balance round_robin; "
-            "set prompts.balance to weighted or least_generated"
-        )
+        raise UserError("prompts.class_weights has no effect with balance round_robin; set prompts.balance to weighted or least_generated")
     weights = [float(prompts.class_weights.get(name, 1.0)) for name in classes]
     if not any(weight > 0 for weight in weights):
         raise UserError("prompts.class_weights: every class has weight 0; give at least one a positive weight")
@@ -178,10 +170,7 @@ def read_prompt_file(path: str | None, column: str) -> PromptFile:
         prompt = row.pop(column, None) if suffix != ".txt" else row.pop("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             found = f"columns: {', '.join(sorted(row)) or '(none)'}"
-            raise UserError(
-                f"prompts.file {path}: row {number} has no text in column {column!r} ({found}); "
-                "set prompts.file_column to the prompt's column"
-            )
+            raise UserError(f"prompts.file {path}: row {number} has no text in column {column!r} ({found}); set prompts.file_column to the prompt's column")
         if "file_row" in row:
             raise UserError(f"prompts.file {path}: column 'file_row' is reserved for the row number; rename it")
         prompts.append(prompt.strip())
@@ -215,7 +204,7 @@ def _parquet_rows(file: Path) -> list[dict[str, Any]]:
     try:
         return pq.read_table(file).to_pylist()
     except Exception as exc:  # pyarrow raises several types for a corrupt or non-parquet file
-        raise UserError(f"prompts.file {file}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"prompts.file {file}: not a readable Parquet file ({one_line(exc)})") from None
 
 
 def _decode(data: bytes, path: str) -> str:

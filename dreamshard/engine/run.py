@@ -13,36 +13,37 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Iterator
+from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dreamshard import __version__
+from dreamshard.cluster import ray_session
 from dreamshard.config import GenerateConfig
-from dreamshard.engine.manifest import (
+from dreamshard.engine.conditioned import conditioner_for
+from dreamshard.engine.models import model_fingerprint, resolve_model_path
+from dreamshard.engine.plan import Plan, build_plan
+from dreamshard.engine.worker import GenerationWorker
+from dreamshard.errors import UserError, one_line
+from dreamshard.format.layout import FORMAT_VERSION, LAYOUT, shard_counts
+from dreamshard.format.reader import (
     clean_partials,
     committed_shards,
     consolidate,
     read_run_record,
     remove_consolidated,
-    shard_counts,
     uncommit,
     write_run_record,
 )
-from dreamshard.engine.models import model_fingerprint, resolve_model_path
-from dreamshard.engine.conditioned import conditioner_for
-from dreamshard.engine.plan import Plan, build_plan
-from dreamshard.engine.worker import GenerationWorker
-from dreamshard.engine.writer import FORMAT_VERSION, Store
-from dreamshard.errors import UserError, one_line
+from dreamshard.format.store import Store
 from dreamshard.logs import console
 
 log = logging.getLogger(__name__)
@@ -154,33 +155,6 @@ def dataset_fingerprints(config: GenerateConfig, plan: Plan, model_info: dict, c
     return {name: value if isinstance(value, str) else _digest(value) for name, value in parts.items()}
 
 
-@contextmanager
-def ray_session(address: str | None) -> Iterator[None]:
-    """Use the Ray already initialised in this process; else join `address` (or the cluster of a
-    `ray job submit` job); else start an embedded local Ray (127.0.0.1 only) and stop it afterwards."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    if address is None and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # set by Ray's job supervisor
-        address = "auto"
-    try:
-        if address is None:
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-            ray.init(address="local", include_dashboard=False, log_to_driver=False, object_store_memory=256 << 20,
-                     logging_level=logging.WARNING)  # fmt: skip
-        else:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        where = address or "local"
-        raise UserError(f"cannot start or join Ray at {where!r} ({exc}); for a cluster run `ray start --head` first, or drop --address") from None
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 # -------------------------------------------------------------------------------------- output directory
 
 
@@ -225,9 +199,7 @@ def _differing(store: Store, fingerprints: dict[str, str]) -> list[str]:
     return [f"{name} (fingerprint {stored.get(name)} vs {value})" for name, value in fingerprints.items() if stored.get(name) != value]
 
 
-def _prepare_output(
-    store: Store, config: GenerateConfig, plan: Plan, counts: list[int], fingerprints: dict, model_info: dict
-) -> set[int]:
+def _prepare_output(store: Store, config: GenerateConfig, plan: Plan, counts: list[int], fingerprints: dict, model_info: dict) -> set[int]:
     """Check what is committed, refuse to shrink, clear leftovers, write the run record; returns the
     shards that are complete already."""
     committed = committed_shards(store, config.output.samples_per_shard)
@@ -277,8 +249,7 @@ def _run_record(config, plan, counts, fingerprints, model_info, previous: dict) 
         "samples_per_shard": config.output.samples_per_shard,
         "num_shards": len(counts),
         "image_format": config.output.image_format,
-        "layout": {"shards": "shards/{shard:06d}.tar", "index": "index/{shard:06d}.parquet",
-                   "marker": "index/{shard:06d}.commit.json", "manifest": "manifest.parquet", "sizes": "shards/sizes.json"},
+        "layout": LAYOUT,
         "model": model_info,
         "plan": plan.describe(),
         "config": config.model_dump(mode="json"),
@@ -348,7 +319,7 @@ class _Driver:
         for _ in range(self._size):
             self._start_worker()
 
-    def run(self, progress: "_ProgressReport") -> None:
+    def run(self, progress: _ProgressReport) -> None:
         try:
             while self.queue or any(worker.tasks for worker in self.workers):
                 self._dispatch()
@@ -394,8 +365,10 @@ class _Driver:
         self._names += 1
         # Named so operators (and tests) can find a run's workers: `ray list actors`, ray.get_actor(name).
         options = {**self._options, "name": f"{ACTOR_PREFIX}{self._run_id}-{name}"}
-        actor = self.ray.remote(GenerationWorker).options(**options).remote(
-            self.config, self.store.root if self.store.is_local else self.store.url, name, self.model_info, self._threads, self.conditioner
+        actor = (
+            self.ray.remote(GenerationWorker)
+            .options(**options)
+            .remote(self.config, self.store.root if self.store.is_local else self.store.url, name, self.model_info, self._threads, self.conditioner)
         )
         self.workers.append(_Worker(actor=actor, name=name, start_ref=actor.ready.remote()))
 

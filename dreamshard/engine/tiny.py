@@ -14,12 +14,12 @@ one token each and prompts stay well under 77 tokens.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+from dreamshard.format.store import atomic_path
 
 PRESETS = ("tiny", "sd15", "tiny-controlnet")
 
@@ -39,34 +39,30 @@ def build_tiny_model(out: str | Path, preset: str = "tiny", seed: int = 0) -> Pa
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     out = Path(out)
     # Build under a temporary sibling and rename at the end, so an interrupted build never leaves a
-    # directory that looks complete (the Makefile checks for model_index.json).
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # directory that looks complete (the Makefile checks for model_index.json). Only an empty `out` gets
+    # here (the CLI refuses a non-empty one).
     torch.manual_seed(seed)
-    if preset == "tiny-controlnet":
-        from diffusers import ControlNetModel
+    with atomic_path(out) as tmp:
+        if preset == "tiny-controlnet":
+            from diffusers import ControlNetModel
 
-        controlnet = ControlNetModel.from_unet(_unet("tiny"), conditioning_embedding_out_channels=(8, 8, 16, 16))
-        controlnet.save_pretrained(tmp, safe_serialization=True)
-    else:
-        from diffusers import StableDiffusionPipeline
+            controlnet = ControlNetModel.from_unet(_unet("tiny"), conditioning_embedding_out_channels=(8, 8, 16, 16))
+            controlnet.save_pretrained(tmp, safe_serialization=True)
+        else:
+            from diffusers import StableDiffusionPipeline
 
-        with tempfile.TemporaryDirectory() as tokenizer_dir:
-            pipe = StableDiffusionPipeline(
-                vae=_vae(preset),
-                text_encoder=_text_encoder(preset),
-                tokenizer=build_tokenizer(tokenizer_dir),
-                unet=_unet(preset),
-                scheduler=_scheduler(),
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
-            pipe.save_pretrained(tmp, safe_serialization=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        out.rmdir()  # only an empty directory gets here (the CLI refuses a non-empty one)
-    tmp.rename(out)
+            with tempfile.TemporaryDirectory() as tokenizer_dir:
+                pipe = StableDiffusionPipeline(
+                    vae=_vae(preset),
+                    text_encoder=_text_encoder(preset),
+                    tokenizer=build_tokenizer(tokenizer_dir),
+                    unet=_unet(preset),
+                    scheduler=_scheduler(),
+                    safety_checker=None,
+                    feature_extractor=None,
+                    requires_safety_checker=False,
+                )
+                pipe.save_pretrained(tmp, safe_serialization=True)
     return out
 
 

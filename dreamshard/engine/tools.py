@@ -9,7 +9,6 @@ import math
 import tarfile
 import textwrap
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,38 +16,11 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 from rich.table import Table
 
-from dreamshard.engine.manifest import committed_shards, manifest_rows, read_manifest, read_run_record, shard_counts
-from dreamshard.engine.writer import (
-    JSON_FIELDS,
-    MANIFEST,
-    PARTIAL,
-    SIZES,
-    Store,
-    sample_key,
-    shard_marker,
-    shard_parquet,
-    shard_tar,
-)
 from dreamshard.errors import UserError
-
-
-def read_shard(store: Store, shard: int) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {field: bytes}) of each sample of a shard's tar, in tar order (WebDataset key rules: the key
-    is the member name up to the first dot of its base name)."""
-    with store.open(shard_tar(shard)) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
-        key, fields = None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name.rsplit("/", 1)[-1]
-            member_key, _, ext = name.partition(".")
-            if key is not None and (member_key != key or ext in fields):  # a repeated field: a duplicate key
-                yield key, fields
-                fields = {}
-            key = member_key
-            fields[ext] = tar.extractfile(member).read()
-        if key is not None:
-            yield key, fields
+from dreamshard.format.layout import MANIFEST, PARTIAL, SIZES, sample_key, shard_counts, shard_marker, shard_parquet, shard_tar
+from dreamshard.format.reader import committed_shards, manifest_rows, read_manifest, read_run_record, read_shard
+from dreamshard.format.record import JSON_FIELDS, json_fields
+from dreamshard.format.store import Store
 
 
 def _open_run(out: str | Path) -> tuple[Store, dict]:
@@ -200,7 +172,7 @@ def _verify_consolidated(store: Store, counts: list[int], tar_rows: dict[str, di
     keys = [row["key"] for row in rows]
     if keys != [sample_key(index) for index in range(sum(counts))]:
         problems.append(f"{MANIFEST}: keys are not unique and contiguous 0..{sum(counts) - 1} ({len(keys)} rows)")
-    mismatched = [row["key"] for row in rows if tar_rows.get(row["key"]) != row]
+    mismatched = [row["key"] for row in rows if tar_rows.get(row["key"]) != json_fields(row)]
     if mismatched:
         problems.append(f"{MANIFEST}: {len(mismatched)} row(s) differ from the tar json, e.g. {mismatched[0]}")
     expected_sizes = {Path(shard_tar(shard)).name: count for shard, count in enumerate(counts)}

@@ -16,54 +16,18 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 
 from dreamshard.config import GenerateConfig
 from dreamshard.engine.conditioned import Conditioner
+from dreamshard.engine.generation import GENERATORS, SampleStamp, batches
 from dreamshard.engine.models import load_pipeline
 from dreamshard.engine.plan import SampleSpec
-from dreamshard.engine.writer import ShardSample, ShardWriter, Store
 from dreamshard.errors import UserError
-
-
-# ------------------------------------------------------------------------------------ per-mode generation
-
-
-def txt2img(pipe, specs: list[SampleSpec]) -> list[ShardSample]:
-    """One pipeline call for specs sharing (steps, guidance, size); each sample draws its noise from its
-    own CPU generator seeded from the plan, so its image does not depend on its batch neighbours (and is
-    the same on any device)."""
-    first = specs[0]
-    result = pipe(
-        prompt=[spec.prompt for spec in specs],
-        negative_prompt=[spec.negative_prompt for spec in specs],
-        num_inference_steps=first.steps,
-        guidance_scale=first.guidance_scale,
-        width=first.width,
-        height=first.height,
-        generator=[torch.Generator("cpu").manual_seed(spec.seed) for spec in specs],
-        output_type="pil",
-    )
-    return [ShardSample(metadata=spec.metadata(), image=image) for spec, image in zip(specs, result.images)]
-
-
-# mode -> (pipe, specs with one (steps, guidance, size)) -> samples (image, extra files such as seg.png, and
-# metadata incl. source_key). Conditioned modes add their function here.
-GENERATORS: dict[str, Callable[..., list[ShardSample]]] = {"txt2img": txt2img}
-
-
-def batches(specs: list[SampleSpec], batch_size: int) -> Iterator[list[SampleSpec]]:
-    """Batches of specs that one pipeline call can take (same steps, guidance and size), in plan order
-    within each group."""
-    groups: dict[tuple, list[SampleSpec]] = {}
-    for spec in specs:
-        groups.setdefault((spec.steps, spec.guidance_scale, spec.width, spec.height), []).append(spec)
-    for group in groups.values():
-        for start in range(0, len(group), batch_size):
-            yield group[start : start + batch_size]
-
+from dreamshard.format.shards import ShardSample, ShardWriter
+from dreamshard.format.store import Store
 
 # ---------------------------------------------------------------------------------------------- worker
 
@@ -72,7 +36,12 @@ class GenerationWorker:
     """Loads the pipeline once, then generates and commits whole shards."""
 
     def __init__(
-        self, config: GenerateConfig, out: str, name: str, model_info: dict, torch_threads: int | None = None,
+        self,
+        config: GenerateConfig,
+        out: str,
+        name: str,
+        model_info: dict,
+        torch_threads: int | None = None,
         conditioner: Conditioner | None = None,  # img2img / controlnet_seg: its generate() is the per-mode function
     ) -> None:
         self.config, self.store, self.name = config, Store(out), f"{name}@{socket.gethostname()}"
@@ -90,13 +59,8 @@ class GenerationWorker:
         except Exception as exc:  # surfaced by ready(): the driver stops instead of restarting a doomed worker
             self._load_error = exc
             return
-        self._fields = {
-            "scheduler": config.model.scheduler or type(self.pipe.scheduler).__name__,
-            "model": model_info,
-            "mode": config.mode,
-            "source_key": "",
-            "worker": self.name,
-        }
+        generation = {"scheduler": config.model.scheduler or type(self.pipe.scheduler).__name__, "model": model_info, "mode": config.mode}
+        self._stamp = SampleStamp(generation, tuple(config.prompts.styles))
 
     def ready(self) -> str:
         if self._load_error is not None:
@@ -131,13 +95,10 @@ class GenerationWorker:
         self._progress = (shard, 0)
         for batch in batches(specs, self.config.run.batch_size):
             started = time.perf_counter()
-            samples = generate(self.pipe, batch)
+            samples = generate(self.pipe, batch, self._stamp)
             seconds = round((time.perf_counter() - started) / len(batch), 4)
             for sample in samples:
-                # Every style axis in every sample (null where the template does not print it): readers that
-                # infer a schema from the first samples (HF datasets) would otherwise drop later axes.
-                style = {axis: sample.metadata["style"].get(axis) for axis in self.config.prompts.styles}
-                sample.metadata = {**self._fields, **sample.metadata, "style": style, "seconds": seconds}  # a mode may set source_key
+                sample.metadata.update(worker=self.name, seconds=seconds)  # run facts: index Parquet only
                 yield sample
             done += len(batch)
             self._progress = (shard, done)  # one assignment: progress() never pairs a shard with another's count

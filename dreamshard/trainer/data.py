@@ -9,34 +9,38 @@ carries its worker's count), never retried or slept on.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
 import logging
-import re
+import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
+import fsspec
 import numpy as np
 import torch
 import webdataset as wds
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from dreamshard.config import DomainConfig, RCSConfig, ShardsConfig, TrainDataConfig
-from dreamshard.engine.manifest import committed_shards, read_manifest, read_run_record
-from dreamshard.engine.writer import Store, shard_tar
-from dreamshard.errors import UserError
-from dreamshard.trainer.labels import IGNORE_INDEX
-from dreamshard.trainer.sources import LabelledSource, open_source, scan
+from dreamshard.datasets.labels import IGNORE_INDEX
+from dreamshard.datasets.sources import LabelledSource, open_source, scan
+from dreamshard.errors import UserError, one_line
+from dreamshard.format.layout import LABEL_FIELD, RUN_RECORD, shard_tar
+from dreamshard.format.reader import committed_shards, read_run_record, subset_keys
+from dreamshard.format.store import Store, atomic_write, filesystem, is_url
 
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "png", "webp", "jpeg")
-LABEL_KEY = "seg.png"
+LABEL_KEY = LABEL_FIELD
 CROP_TRIES = 10  # mmseg RandomCrop / DAFormer RCS re-crop attempts
 
 
@@ -47,7 +51,7 @@ CROP_TRIES = 10  # mmseg RandomCrop / DAFormer RCS re-crop attempts
 class Augment:
     """Weak augmentation of one sample: resize, random crop (padded when too small), horizontal flip."""
 
-    resize: tuple[int, int] | None  # (width, height)
+    resize: tuple[int, int] | None  # (height, width), as every size in dreamshard configs
     crop: tuple[int, int]  # (height, width)
     flip: bool
     cat_max_ratio: float = 1.0  # labelled crops: re-crop until no class covers more than this
@@ -56,14 +60,14 @@ class Augment:
         """Decode an image; JPEGs decode at a reduced scale (DCT scaling) when the resize allows it."""
         image = Image.open(io.BytesIO(data))
         if self.resize and image.format == "JPEG":
-            image.draft("RGB", self.resize)
+            image.draft("RGB", pil_size(self.resize))
         return image.convert("RGB")
 
     def __call__(self, image: Image.Image, label: np.ndarray | None, rng: np.random.Generator, focus: int | None = None, min_focus: int = 0):
         """(uint8 CHW image, uint8 HW label or None). With `focus`, re-crop until the crop has > `min_focus`
         pixels of that class (RCS)."""
-        if self.resize and image.size != self.resize:
-            image = image.resize(self.resize, Image.BILINEAR)
+        if self.resize and image.size != pil_size(self.resize):
+            image = image.resize(pil_size(self.resize), Image.BILINEAR)
         if label is not None and label.shape != (image.height, image.width):
             label = np.asarray(Image.fromarray(label).resize(image.size, Image.NEAREST))
         pixels = np.asarray(image)
@@ -93,6 +97,11 @@ class Augment:
             elif self.cat_max_ratio >= 1 or _largest_class_share(window) <= self.cat_max_ratio:
                 return origin
         return origin
+
+
+def pil_size(height_width: tuple[int, int]) -> tuple[int, int]:
+    """Config sizes are (height, width); PIL takes (width, height)."""
+    return (int(height_width[1]), int(height_width[0]))
 
 
 def _largest_class_share(label: np.ndarray) -> float:
@@ -130,30 +139,48 @@ def worker_rng(seed: int, *parts: int) -> np.random.Generator:
 # ------------------------------------------------------------------------------------------- shards
 
 
-def resolve_shards(spec: ShardsConfig) -> tuple[list[str], set[str] | None]:
-    """Shard URLs of a run directory (committed shards only), glob, brace pattern, tar file or URL list; and
-    for `subset` the keys of the first N manifest samples (None: all samples)."""
+def resolve_shards(spec: ShardsConfig, allow_pipe: bool = False) -> tuple[list[str], set[str] | None]:
+    """Shard URLs of a run directory (committed shards only), glob, brace pattern, tar file or URL list, on
+    the local disk or any fsspec filesystem; and for `subset` the keys of the first N manifest samples
+    (None: all samples)."""
     path = spec.path.strip()
-    if re.match(r"^(https?|pipe|s3|gs|gcs):", path):
-        urls = list(braceexpand.braceexpand(path))
+    if path.startswith("pipe:"):
+        if not allow_pipe:
+            raise UserError(f"shards.path {path[:60]!r} runs a shell command (webdataset pipe: URL); set data.allow_pipe: true if you mean to")
         if spec.subset:
-            raise UserError(f"shards.subset needs a run directory (with its manifest), not URLs ({path})")
-        return urls, None
-    if Path(path).expanduser().is_dir():
-        return _run_dir_shards(Path(path).expanduser(), spec.subset, spec.subset_order)
+            raise UserError(f"shards.subset needs a run directory (with its manifest), not a pipe: URL ({path})")
+        return list(braceexpand.braceexpand(path)), None
+    if not is_url(path):
+        path = str(Path(path).expanduser())
+    if not any(ch in path for ch in "*?[{"):
+        store = Store(path)
+        if store.exists(RUN_RECORD) or store.fs.isdir(store.root):
+            return _run_dir_shards(store, spec.subset, spec.subset_order)
     if spec.subset:
         raise UserError(f"shards.subset needs a run directory (with its manifest), not a pattern ({path})")
+    if path.startswith(("http://", "https://")):  # no listing over http: take the pattern as it is
+        return list(braceexpand.braceexpand(path)), None
     if any(ch in path for ch in "*?["):
-        urls = sorted(glob.glob(str(Path(path).expanduser()), recursive=True))
+        fs, pattern = filesystem(path)
+        urls = [_url(fs, match) for match in sorted(fs.glob(pattern))]
     else:
-        urls = [p for p in braceexpand.braceexpand(str(Path(path).expanduser())) if Path(p).is_file()]
+        urls = [p for p in braceexpand.braceexpand(path) if _is_file(p)]
     if not urls:
         raise UserError(f"no shards matched {path}; give a run directory, a glob (runs/x/shards/*.tar) or a brace pattern (shards/{{000000..000009}}.tar)")
     return urls, None
 
 
-def _run_dir_shards(root: Path, subset: int | None, order: str = "manifest") -> tuple[list[str], set[str] | None]:
-    store = Store(root)
+def _url(fs, path: str) -> str:
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def _is_file(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.isfile(path)
+
+
+def _run_dir_shards(store: Store, subset: int | None, order: str = "manifest") -> tuple[list[str], set[str] | None]:
+    root = store.url
     record = read_run_record(store)
     if record is None:
         raise UserError(f"{root} is not a dreamshard run directory (no dreamshard.json); pass a glob of its .tar files instead")
@@ -161,61 +188,148 @@ def _run_dir_shards(root: Path, subset: int | None, order: str = "manifest") -> 
     if not committed:
         raise UserError(f"no shards matched in {root}: no committed shard yet (run `dreamshard generate` first)")
     if subset is None:
-        return [str(root / shard_tar(s)) for s in sorted(committed)], None
-    manifest = read_manifest(root).select(["key", "index", "shard", "class_name"]).sort_by("index")
-    if manifest.num_rows < subset:
-        raise UserError(f"shards.subset {subset} is larger than the {manifest.num_rows} samples in {root}'s manifest")
-    if order == "stratified":
-        manifest = manifest.take(stratified_order(manifest.column("class_name").to_pylist()))
-    first = manifest.slice(0, subset).to_pydict()
-    shards = sorted(set(first["shard"]))
+        return [store.url_of(shard_tar(s)) for s in sorted(committed)], None
+    try:
+        shards, keys = subset_keys(store, subset, order)
+    except ValueError as exc:
+        raise UserError(f"shards.subset: {exc} of {root}") from None
     missing = [s for s in shards if s not in committed]
     if missing:
         raise UserError(f"{root}: shard {missing[0]} holds manifest samples but is not committed; re-run generate to finish it")
-    return [str(root / shard_tar(s)) for s in shards], set(first["key"])
+    return [store.url_of(shard_tar(s)) for s in shards], keys
 
 
-def stratified_order(class_names: list[str]) -> list[int]:
-    """Positions ordered so that every prefix holds the classes as evenly as the data allows: each class's
-    k-th sample comes before any class's (k+1)-th, ties by position. One fixed order, so prefixes nest."""
-    seen: dict[str, int] = {}
-    rank = []
-    for name in class_names:
-        rank.append(seen.get(name, 0))
-        seen[name] = rank[-1] + 1
-    return sorted(range(len(class_names)), key=lambda i: (rank[i], i))
+class DataError(UserError):
+    """A training stream that cannot go on: every shard failed, too many did, or no sample is usable."""
+
+    exit_code = 1
 
 
-class SkipCounter:
-    """Exception handler for webdataset stages: skip the shard/sample, count it, log only the first few."""
+MIN_SHARD_ATTEMPTS = 8  # shards read before a failure fraction is judged
+MAX_UNUSABLE_SAMPLES = 64  # samples read with none usable before the stream gives up
+OPEN_RETRIES = (0.5, 1.0, 2.0)  # back-off seconds between attempts to open a shard (transient errors)
 
-    def __init__(self, domain: str):
-        self.domain, self.count = domain, 0
 
-    def __call__(self, exc: Exception) -> bool:
-        self.count += 1
-        if self.count <= 3:
-            log.warning("%s data: skipped a corrupt shard or sample (%s)", self.domain, str(exc).splitlines()[0][:200])
+class StreamHealth:
+    """Webdataset error handler of one domain's stream (per DataLoader worker): a bad shard or sample is
+    skipped, counted and logged (the first few), until the budget is spent: every shard failed, more than
+    `max_bad_fraction` of the shards read so far, or no usable sample at all. Then DataError, never a
+    busy loop on a stream that cannot yield a batch."""
+
+    def __init__(self, domain: str, max_bad_fraction: float, num_shards: int):
+        self.domain, self.max_bad_fraction = domain, max_bad_fraction
+        self.all_failed_after = min(MIN_SHARD_ATTEMPTS, max(num_shards, 1))  # failures with no sample: all bad
+        self.shards = self.bad_shards = self.samples = self.bad_samples = 0
+        self.first_error = ""
+
+    @property
+    def count(self) -> int:
+        """Skipped shards and samples (reported in each batch)."""
+        return self.bad_shards + self.bad_samples
+
+    def shard_opened(self) -> None:
+        self.shards += 1
+
+    def shard_failed(self, exc: Exception) -> bool:
+        self.bad_shards += 1
+        self.shards = max(self.shards, self.bad_shards)
+        self._note(exc, "shard")
+        if self.samples == 0 and self.bad_shards >= self.all_failed_after:
+            raise DataError(f"{self.domain} data: every shard read failed ({self.bad_shards} of {self.shards}); first error: {self.first_error}")
+        if self.shards >= MIN_SHARD_ATTEMPTS and self.bad_shards > self.max_bad_fraction * self.shards:
+            raise DataError(
+                f"{self.domain} data: {self.bad_shards} of {self.shards} shards read failed, more than data.max_bad_fraction "
+                f"({self.max_bad_fraction}); first error: {self.first_error}"
+            )
         return True
 
+    def sample_decoded(self) -> None:
+        self.samples += 1
 
-def shard_pipeline(urls: list[str], keys: set[str] | None, augment: Augment, labelled: bool, batch_size: int, spec: ShardsConfig, seed: int, domain: str) -> wds.DataPipeline:
+    def sample_failed(self, exc: Exception) -> bool:
+        self.bad_samples += 1
+        self._note(exc, "sample")
+        if self.samples == 0 and self.bad_samples >= MAX_UNUSABLE_SAMPLES:
+            reason = self.first_error
+            if isinstance(exc, MissingLabel):
+                reason = f"no sample has {LABEL_KEY}: a labelled domain (supervised_synthetic target, shards as source) needs label-keeping shards (img2img / controlnet_seg)"
+            raise DataError(f"{self.domain} data: none of the first {self.bad_samples} samples is usable; {reason}")
+        return True
+
+    def _note(self, exc: Exception, what: str) -> None:
+        # webdataset appends (stream, url) to the exception's args: name the url, not the stream object.
+        text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else one_line(exc, limit=200)
+        url = exc.args[-1] if len(exc.args) > 1 and isinstance(exc.args[-1], str) else ""
+        text = f"{type(exc).__name__}: {text[:200]}" + (f" in {url}" if url else "")
+        self.first_error = self.first_error or text
+        if self.count <= 3:
+            log.warning("%s data: skipped a corrupt %s (%s)", self.domain, what, text)
+
+
+class MissingLabel(ValueError):
+    pass
+
+
+def open_shard(url: str, allow_pipe: bool = False):
+    """A readable binary stream of a shard at a local path or any fsspec URL (s3://, gs://, http(s)://, ...),
+    retried with back-off on transient errors. `pipe:` URLs run a shell command: only with data.allow_pipe."""
+    if url.startswith("pipe:"):
+        if not allow_pipe:
+            raise UserError(f"shard URL {url[:60]!r} runs a shell command; set data.allow_pipe: true if you mean to")
+        return wds.gopen(url, "rb")
+    for delay in (*OPEN_RETRIES, None):
+        try:
+            return fsspec.open(url, "rb").open()
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            raise
+        except OSError:
+            if delay is None:
+                raise
+            time.sleep(delay)
+
+
+def shard_samples(urls, health: StreamHealth, allow_pipe: bool = False):
+    """Webdataset stage: dicts with `url` → sample dicts (key + fields) of each shard, through fsspec."""
+    for item in urls:
+        health.shard_opened()
+        try:
+            stream = open_shard(item["url"], allow_pipe)
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - counted; StreamHealth stops the stream past its budget
+            health.shard_failed(exc)
+            continue
+        opened = [{"url": item["url"], "stream": stream}]
+        yield from group_by_keys(tar_file_expander(opened, handler=health.shard_failed), handler=health.shard_failed)
+
+
+def shard_pipeline(
+    urls: list[str],
+    keys: set[str] | None,
+    augment: Augment,
+    labelled: bool,
+    batch_size: int,
+    spec: ShardsConfig,
+    seed: int,
+    domain: str,
+    max_bad_fraction: float = 0.5,
+    allow_pipe: bool = False,
+) -> wds.DataPipeline:
     """An endless stream of batches from shards (per rank and worker)."""
-    skips = SkipCounter(domain)
+    health = StreamHealth(domain, max_bad_fraction, len(urls))
     if spec.resampled:
         # rank*1000 + worker (webdataset's worker seed) mixed with our seed: distinct, reproducible streams.
         stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
     else:
         stages = [wds.SimpleShardList(urls), _check_split, wds.split_by_node, wds.split_by_worker]
-    stages += [wds.tarfile_to_samples(handler=skips)]
+    stages.append(lambda items: shard_samples(items, health, allow_pipe))
     if keys is not None:
         stages.append(wds.select(lambda sample: sample["__key__"] in keys))
     if spec.shuffle_buffer:
         stages.append(wds.shuffle(spec.shuffle_buffer, initial=min(100, spec.shuffle_buffer), seed=seed))
-    decode = ShardDecoder(augment, labelled, seed)
     stages += [
-        wds.map(decode, handler=skips),
-        wds.batched(batch_size, collation_fn=lambda samples: collate(samples, skips.count), partial=False),
+        wds.map(ShardDecoder(augment, labelled, seed, health), handler=health.sample_failed),
+        wds.batched(batch_size, collation_fn=lambda samples: collate(samples, health.count), partial=False),
     ]
     pipeline = wds.DataPipeline(*stages)
     return pipeline if spec.resampled else pipeline.repeat()
@@ -233,8 +347,8 @@ def _check_split(urls):
 class ShardDecoder:
     """Sample dict from a tar → augmented (image, label) tensors. Labels are the mode-L `seg.png` train ids."""
 
-    def __init__(self, augment: Augment, labelled: bool, seed: int):
-        self.augment, self.labelled, self.seed, self.rng = augment, labelled, seed, None
+    def __init__(self, augment: Augment, labelled: bool, seed: int, health: StreamHealth | None = None):
+        self.augment, self.labelled, self.seed, self.rng, self.health = augment, labelled, seed, None, health
 
     def __call__(self, sample: dict):
         if self.rng is None:
@@ -246,9 +360,12 @@ class ShardDecoder:
         label = None
         if self.labelled:
             if LABEL_KEY not in sample:
-                raise ValueError(f"sample {sample.get('__key__')} has no {LABEL_KEY}")
+                raise MissingLabel(f"sample {sample.get('__key__')} has no {LABEL_KEY}")
             label = np.asarray(Image.open(io.BytesIO(sample[LABEL_KEY])))  # mode L train ids, no conversion
-        return self.augment(image, label, self.rng)
+        result = self.augment(image, label, self.rng)
+        if self.health is not None:
+            self.health.sample_decoded()
+        return result
 
 
 # ------------------------------------------------------------------------------------------ folders
@@ -313,10 +430,7 @@ def class_stats(source: LabelledSource, cache_dir: Path) -> list[dict[int, int]]
     for item in source.items:
         counts = np.bincount(source.load_label(item).ravel(), minlength=256)
         stats.append({int(c): int(counts[c]) for c in np.nonzero(counts[:IGNORE_INDEX])[0]})
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".partial")
-    tmp.write_text(json.dumps(stats))
-    tmp.replace(cache)
+    atomic_write(cache, json.dumps(stats))
     return stats
 
 
@@ -327,12 +441,14 @@ def open_folder(domain: DomainConfig) -> LabelledSource:
     return scan(open_source(domain.folder))
 
 
-def train_loader(name: str, domain: DomainConfig, data: TrainDataConfig, labelled: bool, seed: int, batches: int, rcs: RCSConfig | None = None, cache_dir: Path | None = None) -> wds.WebLoader:
+def train_loader(
+    name: str, domain: DomainConfig, data: TrainDataConfig, labelled: bool, seed: int, batches: int, rcs: RCSConfig | None = None, cache_dir: Path | None = None
+) -> wds.WebLoader:
     """A loader that yields exactly `batches` batches on this rank (dict: image uint8 BCHW, label uint8 BHW)."""
     augment = Augment(domain.resize, tuple(data.crop_size), data.flip, data.cat_max_ratio if labelled else 1.0)
     if domain.shards is not None:
-        urls, keys = resolve_shards(domain.shards)
-        dataset = shard_pipeline(urls, keys, augment, labelled, data.batch_size, domain.shards, seed, name)
+        urls, keys = resolve_shards(domain.shards, data.allow_pipe)
+        dataset = shard_pipeline(urls, keys, augment, labelled, data.batch_size, domain.shards, seed, name, data.max_bad_fraction, data.allow_pipe)
     else:
         source = open_folder(domain)
         sampler = RareClassSampler(class_stats(source, cache_dir), rcs) if rcs is not None and rcs.enabled else None
@@ -341,18 +457,30 @@ def train_loader(name: str, domain: DomainConfig, data: TrainDataConfig, labelle
     return loader.with_epoch(batches)
 
 
+def read_all_samples(urls: list[str], allow_pipe: bool = False) -> list[dict]:
+    """Every sample of the shards, in order; an unreadable shard is an error (an evaluation must be whole)."""
+    samples = []
+    for url in urls:
+        try:
+            with open_shard(url, allow_pipe) as stream:
+                samples += group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+        except (OSError, ValueError, tarfile.TarError) as exc:
+            raise UserError(f"cannot read evaluation shard {url} ({one_line(exc)}); fix or remove it") from None
+    return samples
+
+
 class EvalSet(Dataset):
     """Whole labelled images for evaluation: (uint8 CHW image at the model's input size, uint8 HW label)."""
 
-    def __init__(self, domain: DomainConfig):
+    def __init__(self, domain: DomainConfig, allow_pipe: bool = False):
         self.resize = domain.resize
         if domain.folder is not None:
             self.source = open_folder(domain)
             self.items: list = list(self.source.items)
         else:
-            urls, keys = resolve_shards(domain.shards)
+            urls, keys = resolve_shards(domain.shards, allow_pipe)
             self.source = None
-            self.items = [s for s in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()) if keys is None or s["__key__"] in keys]
+            self.items = [s for s in read_all_samples(urls, allow_pipe) if keys is None or s["__key__"] in keys]
             if any(LABEL_KEY not in s for s in self.items):
                 raise UserError(f"evaluation shards {domain.shards.path} have samples without {LABEL_KEY}; evaluate on labelled data")
 
@@ -367,8 +495,8 @@ class EvalSet(Dataset):
             image_key = next(k for k in IMAGE_KEYS if k in item)
             image = Image.open(io.BytesIO(item[image_key])).convert("RGB")
             label = np.asarray(Image.open(io.BytesIO(item[LABEL_KEY])))
-        if self.resize and image.size != tuple(self.resize):
-            image = image.resize(tuple(self.resize), Image.BILINEAR)
+        if self.resize and image.size != pil_size(self.resize):
+            image = image.resize(pil_size(self.resize), Image.BILINEAR)
         return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()), torch.from_numpy(np.array(label))
 
 
@@ -377,5 +505,6 @@ def check_labels(labels: torch.Tensor, num_classes: int, where: str) -> None:
     bad = (labels != IGNORE_INDEX) & (labels >= num_classes)
     if bad.any():
         values = sorted(set(labels[bad].unique().tolist()))[:5]
-        raise UserError(f"{where}: label ids {values} are outside the {num_classes} classes (model.num_classes) and not 255; check the label map or num_classes")
-
+        raise UserError(
+            f"{where}: label ids {values} are outside the {num_classes} classes (model.num_classes) and not 255; check the label map or num_classes"
+        )

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from dreamshard.trainer.labels import IGNORE_INDEX, NUM_CLASSES, SYNTHIA13, SYNTHIA16
+from dreamshard.datasets.labels import IGNORE_INDEX, NUM_CLASSES, SYNTHIA13, SYNTHIA16
 
 
 def confusion_metric(num_classes: int) -> MulticlassConfusionMatrix:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dreamshard.config import TrainModelConfig
-from dreamshard.errors import UserError
+from dreamshard.errors import UserError, one_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,9 +46,7 @@ class DecodeHead(nn.Module):
         self.embed = nn.ModuleList(nn.Conv2d(c, embed_dim, 1) for c in in_channels)  # linear, no norm/act
         concat = embed_dim * len(in_channels)
         if fusion == "daformer":
-            self.aspp = nn.ModuleList(
-                conv_bn_relu(concat, embed_dim, 1) if d == 1 else separable_conv(concat, embed_dim, d) for d in DAFORMER_DILATIONS
-            )
+            self.aspp = nn.ModuleList(conv_bn_relu(concat, embed_dim, 1) if d == 1 else separable_conv(concat, embed_dim, d) for d in DAFORMER_DILATIONS)
             self.fuse = conv_bn_relu(embed_dim * len(DAFORMER_DILATIONS), embed_dim, 3)
         else:
             self.aspp = None
@@ -96,12 +94,14 @@ def build_backbone(name: str, pretrained: str | None) -> nn.Module:
     try:
         return timm.create_model(name, features_only=True, out_indices=(-4, -3, -2, -1), **kwargs)
     except (RuntimeError, ValueError) as exc:
-        raise UserError(f"model.backbone {name}: cannot build it with features_only / the weights in {pretrained} ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"model.backbone {name}: cannot build it with features_only / the weights in {pretrained} ({one_line(exc)})") from None
 
 
 def head_parameter_groups(model: Segmenter, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict]:
     """AdamW groups: the decode head gets `head_lr_mult` x lr; normalisation weights get no weight decay."""
-    norm_params = {id(p) for m in model.modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) for p in m.parameters(recurse=False)}
+    norm_params = {
+        id(p) for m in model.modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) for p in m.parameters(recurse=False)
+    }
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         key = (name.startswith("decode_head."), id(param) in norm_params)

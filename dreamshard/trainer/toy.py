@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dreamshard.engine.manifest import write_dataset
-from dreamshard.engine.writer import ShardSample
+from dreamshard.format.reader import write_dataset
+from dreamshard.format.shards import ShardSample
 
 TOY_CLASSES = ("ground", "sky", "building", "car", "pole")
 SOURCE_COLOURS = ((100, 100, 100), (110, 170, 235), (170, 110, 70), (210, 40, 40), (240, 210, 50))
@@ -96,8 +96,7 @@ def make_toy(
     for index in range(num_target):
         image = render(toy_layout(rng, size), rng, **target_style)
         samples.append(ShardSample({"index": index, "prompt": "a toy street scene", "mode": "toy", "width": size, "height": size}, Image.fromarray(image)))
-    write_dataset(paths["target"], samples, samples_per_shard, image_format="png",
-                  record={"kind": "toy", "seed": seed, "classes": list(TOY_CLASSES)})
+    write_dataset(paths["target"], samples, samples_per_shard, image_format="png", record={"kind": "toy", "seed": seed, "classes": list(TOY_CLASSES)})
     return paths
 
 

@@ -149,4 +149,3 @@ def _as_index(raw: np.ndarray) -> np.ndarray:
         raise UserError(f"label array has dtype {raw.dtype}; labels must hold integer ids")
     # 65535 is unknown in every map, so out-of-range values read as unknown rather than wrapping around.
     return np.where((raw < 0) | (raw >= _LUT_SIZE), _LUT_SIZE - 1, raw).astype(np.uint16)
-

@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dreamshard.cluster import ray_session
 from dreamshard.config import GenerateConfig, StudyConfig, TrainConfig, apply_overrides, read_yaml, validate
 from dreamshard.errors import UserError, one_line
+from dreamshard.format.reader import committed_prefix, read_run_record
+from dreamshard.format.store import Store, atomic_write_json
 from dreamshard.logs import console
 
 log = logging.getLogger(__name__)
@@ -77,10 +79,8 @@ def parse_sizes(sizes: list[int] | str) -> list[int]:
 
 def run_study(config: StudyConfig, address: str | None = None, show_progress: bool = True) -> StudySummary:
     """Make sure the dataset is large enough, train every (size, seed) not finished yet as a Ray task,
-    then write study.parquet / .csv / .md / .png into `config.output`."""
-    from dreamshard.engine.run import ray_session
-
-    out = Path(config.output)
+    then write study.parquet / .csv / .md / .png into `config.output.path`."""
+    out = Path(config.output.path)
     sizes = parse_sizes(config.sizes)
     train_config = _train_config(config)
     runs = [StudyRun(size, seed) for size in sizes for seed in config.seeds]
@@ -108,19 +108,9 @@ def run_study(config: StudyConfig, address: str | None = None, show_progress: bo
 
 def available_samples(run_dir: str) -> int:
     """Samples in the committed prefix of a generated run (shards 0..k-1 all committed and full)."""
-    from dreamshard.engine.manifest import committed_shards, read_run_record
-    from dreamshard.engine.writer import Store
-
     store = Store(run_dir)
     record = read_run_record(store)
-    if record is None:
-        return 0
-    committed = committed_shards(store, record["samples_per_shard"])
-    total, shard = 0, 0
-    while shard in committed:
-        total += committed[shard]["count"]
-        shard += 1
-    return total
+    return committed_prefix(store, record["samples_per_shard"]) if record else 0
 
 
 def ensure_samples(config: StudyConfig, needed: int, address: str | None) -> None:
@@ -174,9 +164,10 @@ def run_train_config(config: StudyConfig, base: dict, run: StudyRun, out: Path) 
     else:
         data = json.loads(json.dumps(base))  # deep copy
         order = "stratified" if config.stratified else "manifest"
-        data = apply_overrides(data, [f"data.target.shards.path={config.data.run}", f"data.target.shards.subset={run.size}",
-                                      f"data.target.shards.subset_order={order}"])
-    settings = [f"seed={run.seed}", f"output={out / 'runs' / run.run_id / 'train'}"]
+        data = apply_overrides(
+            data, [f"data.target.shards.path={config.data.run}", f"data.target.shards.subset={run.size}", f"data.target.shards.subset_order={order}"]
+        )
+    settings = [f"seed={run.seed}", f"output.path={out / 'runs' / run.run_id / 'train'}"]
     iterations = _iterations(config, data, run.size)
     if iterations:
         settings.append(f"max_iters={iterations}")
@@ -236,9 +227,7 @@ def train_one(train_config: dict, result_path: str, size: int | None, seed: int)
         "images_per_s": result.get("images_per_s"),
         "iterations": config.max_iters,
     }
-    tmp = f"{result_path}.tmp"
-    Path(tmp).write_text(json.dumps(row, indent=2))
-    os.replace(tmp, result_path)
+    atomic_write_json(result_path, row)
     return row
 
 

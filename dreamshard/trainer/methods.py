@@ -25,7 +25,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from dreamshard.config import TrainConfig, UDAConfig
-from dreamshard.trainer.labels import IGNORE_INDEX
+from dreamshard.datasets.labels import IGNORE_INDEX
 
 Backward = Callable[[torch.Tensor], None]
 Batch = dict[str, torch.Tensor]

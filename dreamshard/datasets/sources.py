@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 
 from dreamshard.config import SourceConfig
+from dreamshard.datasets.labels import CITYSCAPES_MAP, SYNTHIA_MAP, LabelMap, make_label_map, to_train_ids, train_id_map
 from dreamshard.errors import UserError
-from dreamshard.trainer.labels import CITYSCAPES_MAP, SYNTHIA_MAP, LabelMap, make_label_map, to_train_ids, train_id_map
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 TRAIN_ID_SUFFIX = "_labelTrainIds.png"  # what cityscapesScripts / DAFormer's converters write

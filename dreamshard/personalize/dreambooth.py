@@ -32,10 +32,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from dreamshard.config import PersonalizeConfig, dump_config
 from dreamshard.engine.models import LORA_MANIFEST, load_base_pipeline, load_pipeline, resolve_model_path
 from dreamshard.errors import UserError, one_line
+from dreamshard.format.layout import PARTIAL
+from dreamshard.format.store import atomic_path
 from dreamshard.logs import console
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,8 @@ log = logging.getLogger(__name__)
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 TRAIN_LOG = "train_log.jsonl"
 CONFIG_RECORD = "personalize.yaml"
-TRAINING_STATE = "training_state.pt"
+TRAINING_STATE = "training_state"  # accelerate save_state: optimizer, grad scaler, RNG states (+ LoRA tensors)
+LORA_STATE = "lora.safetensors"
 CLASS_IMAGES = "class_images"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_LR = {"full": 5e-6, "lora": 1e-4}
@@ -96,9 +100,8 @@ def personalize(config: PersonalizeConfig) -> Path:
                 progress.update(task, completed=step, loss=loss, rate=rate)
             if step % config.output.checkpoint_every == 0 and step < train.max_steps:
                 accelerator.wait_for_everyone()
-                if main:
-                    write_checkpoint(trainer, out, step, info)
-                    evaluate(step)
+                write_checkpoint(trainer, out, step, info)
+                evaluate(step)
     accelerator.wait_for_everyone()
     if main:
         write_final(trainer.pipe, train.method, out, info | {"step": train.max_steps})
@@ -118,24 +121,22 @@ class Trainer:
         self.config, self.accelerator = config, accelerator
         self.instance_images, self.class_images = instance_images, class_images
         resume_dir = latest_checkpoint(out)
-        state = torch.load(resume_dir / TRAINING_STATE, map_location="cpu", weights_only=True) if resume_dir else None
-        self.start_step = state["step"] if state else 0
-        if state:
-            log.info("resuming from %s at step %d", resume_dir, self.start_step)
-
-        self.pipe = load_base_pipeline(str(resume_dir) if state and train.method == "full" else base, config.model, torch.float32)
+        self.start_step = checkpoint_step(resume_dir) if resume_dir else 0
+        # Full fine-tuning resumes from the checkpoint's own pipeline (its weights are there already).
+        self.pipe = load_base_pipeline(str(resume_dir) if resume_dir and train.method == "full" else base, config.model, torch.float32)
         torch.manual_seed(train.seed)  # LoRA layers draw their initial weights from the global generator
         self.trained = _make_trainable(self.pipe, config)
-        if state and train.method == "lora":
-            _load_trainable(self.trained, state["lora"])
         self.params = [p for model in self.trained.values() for p in model.parameters() if p.requires_grad]
         self.lr = DEFAULT_LR[train.method] if train.lr is None else train.lr
         optimizer = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=train.weight_decay)
-        if state:
-            optimizer.load_state_dict(state["optimizer"])
 
         *models, self.optimizer = accelerator.prepare(*self.trained.values(), optimizer)
         self.models = dict(zip(self.trained, models))  # wrapped for multi-GPU; same parameters as self.trained
+        accelerator.register_save_state_pre_hook(self._save_weights)
+        accelerator.register_load_state_pre_hook(self._load_weights)
+        if resume_dir:
+            log.info("resuming from %s at step %d", resume_dir, self.start_step)
+            accelerator.load_state(str(resume_dir / TRAINING_STATE))
         for name in ("unet", "text_encoder", "vae"):
             if name not in self.models:
                 getattr(self.pipe, name).to(accelerator.device)
@@ -174,11 +175,18 @@ class Trainer:
             raise UserError(f"training diverged at step {step} (loss {mean}); lower train.lr or use mixed_precision: bf16/no")
         return mean
 
-    def training_state(self, step: int) -> dict:
-        state = {"step": step, "optimizer": self.optimizer.state_dict()}
+    # accelerate save_state/load_state keep the optimizer, grad scaler and RNG states; model weights go
+    # through these hooks instead of accelerate's full state dicts: LoRA saves only its own tensors (MiBs, not
+    # the whole UNet), full fine-tuning none (the checkpoint's pipeline directory holds them).
+    def _save_weights(self, models, weights: list, output_dir: str) -> None:
+        weights.clear()
+        if self.config.train.method == "lora" and self.accelerator.is_main_process:
+            save_file(_trainable_tensors(self.trained), os.path.join(output_dir, LORA_STATE))
+
+    def _load_weights(self, models: list, input_dir: str) -> None:
+        models.clear()
         if self.config.train.method == "lora":
-            state["lora"] = _trainable_tensors(self.trained)
-        return state
+            _load_trainable(self.trained, load_file(os.path.join(input_dir, LORA_STATE)))
 
 
 # ------------------------------------------------------------------------------------------- images
@@ -208,7 +216,7 @@ def _read_image(path: Path) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"cannot read image {path} ({type(exc).__name__}: {str(exc)[:120]}); replace or remove it") from None
+        raise UserError(f"cannot read image {path} ({type(exc).__name__}: {one_line(exc, limit=120)}); replace or remove it") from None
 
 
 def resize_shorter_side(image: Image.Image, size: int) -> torch.Tensor:
@@ -264,9 +272,8 @@ def generate_class_images(config: PersonalizeConfig, folder: Path) -> None:
             generator=[torch.Generator().manual_seed(config.train.seed * 100_003 + i) for i in indices],
         ).images
         for index, image in zip(indices, images):
-            tmp = folder / f".{index:05d}.png.tmp"
-            image.save(tmp, format="PNG")
-            os.replace(tmp, folder / f"{index:05d}.png")
+            with atomic_path(folder / f"{index:05d}.png") as tmp:
+                image.save(tmp, format="PNG")
     del pipe
 
 
@@ -397,10 +404,15 @@ def is_complete(out: Path) -> bool:
     return (out / "model_index.json").is_file() or (out / LORA_MANIFEST).is_file()
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    """The newest checkpoint holding a training state (the resume point), or None."""
-    resumable = [d for d in out.glob("checkpoint-*") if (d / TRAINING_STATE).is_file() and d.name.split("-")[-1].isdigit()]
-    return max(resumable, key=lambda d: int(d.name.split("-")[-1]), default=None)
+    """The newest checkpoint holding a training state (the resume point), or None. Checkpoints are renamed
+    into place complete, so one that exists is whole."""
+    resumable = [d for d in out.glob("checkpoint-*") if (d / TRAINING_STATE).is_dir() and d.name.split("-")[-1].isdigit()]
+    return max(resumable, key=checkpoint_step, default=None)
 
 
 def _claim_output(out: Path, config: PersonalizeConfig) -> None:
@@ -412,8 +424,7 @@ def _claim_output(out: Path, config: PersonalizeConfig) -> None:
         difference = _first_difference(previous, current)
         if difference:
             raise UserError(
-                f"{out} holds a personalisation run with a different config ({difference}); "
-                "re-run with the same config to resume, or choose a new output.path"
+                f"{out} holds a personalisation run with a different config ({difference}); re-run with the same config to resume, or choose a new output.path"
             )
         return
     if out.exists() and any(out.iterdir()):
@@ -466,20 +477,26 @@ def save_output(pipe, method: str, dest: Path, info: dict) -> None:
 
 
 def write_checkpoint(trainer: Trainer, out: Path, step: int, info: dict) -> Path:
-    """OUT/checkpoint-{step}: a loadable output plus the training state; older checkpoints drop theirs."""
-    final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_output(trainer.pipe, trainer.config.train.method, tmp, info | {"step": step})
-    torch.save(trainer.training_state(step), tmp / TRAINING_STATE)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _drop_training_states(out, keep=final)
+    """OUT/checkpoint-{step}: a loadable output plus the training state (every process takes part in
+    accelerate's save_state); older checkpoints drop their states."""
+    accelerator, final = trainer.accelerator, out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}{PARTIAL}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_output(trainer.pipe, trainer.config.train.method, tmp, info | {"step": step})
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / TRAINING_STATE))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _drop_training_states(out, keep=final)
     return final
 
 
 def write_final(pipe, method: str, out: Path, info: dict) -> None:
     """Move a complete output into OUT itself, its manifest (model_index.json / dreamshard_lora.json) last."""
-    tmp = out / ".final.tmp"
+    tmp = out / f".final{PARTIAL}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_output(pipe, method, tmp, info)
     manifests = ("model_index.json", LORA_MANIFEST)
@@ -495,7 +512,7 @@ def write_final(pipe, method: str, out: Path, info: dict) -> None:
 def _drop_training_states(out: Path, keep: Path | None) -> None:
     for checkpoint in out.glob("checkpoint-*"):
         if checkpoint != keep:
-            (checkpoint / TRAINING_STATE).unlink(missing_ok=True)
+            shutil.rmtree(checkpoint / TRAINING_STATE, ignore_errors=True)
 
 
 class TrainLog:

@@ -1,0 +1,71 @@
+"""Turning sample specs into samples, knowing nothing of Ray: the one pipeline call every mode makes, the
+txt2img mode, batching, and the sample record each sample carries (built once, from its spec and the run's
+generation settings).
+
+A per-mode function takes (pipe, specs sharing steps/guidance/size, stamp) and returns ShardSamples in the
+order of the specs; `conditioned.Conditioner.generate` is the one of img2img and controlnet_seg.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dreamshard.engine.plan import SampleSpec
+from dreamshard.format.shards import ShardSample
+
+
+@dataclass(frozen=True)
+class SampleStamp:
+    """The record fields of a sample that come from how the run generates (scheduler, model, mode), and the
+    style axes every record lists (null where the template does not print one: readers that infer a schema
+    from the first samples, like HF datasets, would otherwise drop later axes)."""
+
+    fields: dict[str, Any]
+    style_axes: tuple[str, ...]
+
+    def __call__(self, spec: SampleSpec, **per_sample: Any) -> dict[str, Any]:
+        style = {axis: spec.style.get(axis) for axis in self.style_axes}
+        return {**spec.metadata(), **self.fields, "style": style, **per_sample}
+
+
+def call_pipeline(pipe, specs: list[SampleSpec], **conditioning):
+    """One pipeline call for specs sharing (steps, guidance, size): each sample draws its noise from its own
+    CPU generator seeded from the plan, so its image does not depend on its batch neighbours (and is the same
+    on any device). Returns the PIL images."""
+    first = specs[0]
+    if "width" in inspect.signature(pipe.__call__).parameters:  # img2img pipelines take the size of their image
+        conditioning = {"width": first.width, "height": first.height, **conditioning}
+    return pipe(
+        prompt=[spec.prompt for spec in specs],
+        negative_prompt=[spec.negative_prompt for spec in specs],
+        num_inference_steps=first.steps,
+        guidance_scale=first.guidance_scale,
+        generator=[torch.Generator("cpu").manual_seed(spec.seed) for spec in specs],
+        output_type="pil",
+        **conditioning,
+    ).images
+
+
+def txt2img(pipe, specs: list[SampleSpec], stamp: SampleStamp) -> list[ShardSample]:
+    images = call_pipeline(pipe, specs)
+    return [ShardSample(metadata=stamp(spec), image=image) for spec, image in zip(specs, images)]
+
+
+# mode -> per-mode function; conditioned modes bring theirs (conditioned.Conditioner.generate).
+GENERATORS: dict[str, Callable[..., list[ShardSample]]] = {"txt2img": txt2img}
+
+
+def batches(specs: list[SampleSpec], batch_size: int) -> Iterator[list[SampleSpec]]:
+    """Batches of specs that one pipeline call can take (same steps, guidance and size), in plan order
+    within each group."""
+    groups: dict[tuple, list[SampleSpec]] = {}
+    for spec in specs:
+        groups.setdefault((spec.steps, spec.guidance_scale, spec.width, spec.height), []).append(spec)
+    for group in groups.values():
+        for start in range(0, len(group), batch_size):
+            yield group[start : start + batch_size]

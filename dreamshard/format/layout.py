@@ -1,0 +1,49 @@
+"""Names of everything in a run directory (docs/format.md is the contract).
+
+dreamshard.json                 run record (config, fingerprints, versions)
+shards/000000.tar ...           WebDataset shards, the only `*.tar` files
+shards/sizes.json               {"000000.tar": count, ...} (open_clip), written when the run completes
+index/000000.parquet            per-sample metadata of shard 0 (json fields + run facts)
+index/000000.commit.json        shard 0's commit marker, written LAST
+manifest.parquet                all index/*.parquet rows, written when the run completes
+"""
+
+from __future__ import annotations
+
+FORMAT_VERSION = 2  # of the run directory layout; 2: worker/seconds left the sample json for the index
+RUN_RECORD = "dreamshard.json"
+MANIFEST = "manifest.parquet"
+SIZES = "shards/sizes.json"
+PARTIAL = ".partial"  # suffix of files being written; never read, removed by the next run
+IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+LABEL_FIELD = "seg.png"  # the label of label-keeping modes: 8-bit mode L train ids, 255 = ignore
+FOLDERS = ("", "shards", "index")
+LAYOUT = {
+    "shards": "shards/{shard:06d}.tar",
+    "index": "index/{shard:06d}.parquet",
+    "marker": "index/{shard:06d}.commit.json",
+    "manifest": MANIFEST,
+    "sizes": SIZES,
+}
+
+
+def sample_key(index: int) -> str:
+    return f"{index:09d}"
+
+
+def shard_tar(shard: int) -> str:
+    return LAYOUT["shards"].format(shard=shard)
+
+
+def shard_parquet(shard: int) -> str:
+    return LAYOUT["index"].format(shard=shard)
+
+
+def shard_marker(shard: int) -> str:
+    return LAYOUT["marker"].format(shard=shard)
+
+
+def shard_counts(num_samples: int, samples_per_shard: int) -> list[int]:
+    """Samples per shard: shard k holds samples [k*S, min((k+1)*S, N))."""
+    full, rest = divmod(num_samples, samples_per_shard)
+    return [samples_per_shard] * full + ([rest] if rest else [])

@@ -1,0 +1,208 @@
+"""Read (and keep up to date) the state of a run directory: which shards are committed, the run record,
+the manifest and nested subsets of it, the samples of a shard; plus `consolidate`, which builds
+`manifest.parquet` + `shards/sizes.json` from the per-shard files, and `write_dataset` for samples made
+elsewhere (toy sets, tests)."""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dreamshard.format.layout import (
+    FORMAT_VERSION,
+    LAYOUT,
+    MANIFEST,
+    PARTIAL,
+    RUN_RECORD,
+    SIZES,
+    shard_counts,
+    shard_marker,
+    shard_parquet,
+    shard_tar,
+)
+from dreamshard.format.record import PARQUET_SCHEMA, table_to_records
+from dreamshard.format.shards import ShardSample, write_shard
+from dreamshard.format.store import Store, as_store
+
+_MARKER_NAME = re.compile(r"^(\d{6,})\.commit\.json$")
+
+
+def committed_shards(store: Store, samples_per_shard: int) -> dict[int, dict]:
+    """Every shard whose marker is present and consistent with its files: {shard: marker}. A marker with
+    a wrong first index, or whose tar is missing or has another size, does not commit its shard. Two
+    listings and one batched read of the markers (concurrent on object stores), whatever the shard count."""
+    tar_sizes, index_files = store.sizes("shards"), store.sizes("index")
+    shards = [int(m.group(1)) for m in map(_MARKER_NAME.match, index_files) if m]
+    paths = {store.path(shard_marker(shard)): shard for shard in shards}
+    contents = store.fs.cat(list(paths), on_error="return") if paths else {}
+    committed = {}
+    for path, data in contents.items():
+        shard = paths.get(path, paths.get(store.fs._strip_protocol(path)))
+        marker = _parse_marker(data)
+        if shard is None or marker is None:
+            continue
+        if (
+            marker.get("first_index") == shard * samples_per_shard
+            and tar_sizes.get(Path(shard_tar(shard)).name) == marker.get("tar_bytes")
+            and Path(shard_parquet(shard)).name in index_files
+            and isinstance(marker.get("count"), int)
+        ):
+            committed[shard] = marker
+    return committed
+
+
+def _parse_marker(data) -> dict | None:
+    if isinstance(data, Exception):
+        return None
+    try:
+        marker = json.loads(data)
+    except ValueError:
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def committed_prefix(store: Store, samples_per_shard: int) -> int:
+    """Samples in the committed prefix of a run (shards 0..k-1 all committed)."""
+    committed = committed_shards(store, samples_per_shard)
+    total, shard = 0, 0
+    while shard in committed:
+        total += committed[shard]["count"]
+        shard += 1
+    return total
+
+
+def clean_partials(store: Store) -> list[str]:
+    """Remove the `*.partial` files a killed run left behind; returns their paths."""
+    removed = []
+    for folder in ("shards", "index", ""):
+        for name in store.list(folder):
+            if name.endswith(PARTIAL):
+                rel = f"{folder}/{name}" if folder else name
+                store.remove(rel)
+                removed.append(rel)
+    return removed
+
+
+def uncommit(store: Store, shard: int) -> None:
+    """Forget a shard (its marker goes first, so a crash half-way leaves it uncommitted, never mixed)."""
+    for rel in (shard_marker(shard), shard_parquet(shard), shard_tar(shard)):
+        store.remove(rel)
+
+
+def read_index(store: Store, shard: int) -> pa.Table:
+    return pq.read_table(store.open(shard_parquet(shard)))
+
+
+def consolidate(store: Store, counts: list[int]) -> pa.Table:
+    """Write `manifest.parquet` (all per-shard rows, in index order) and `shards/sizes.json`."""
+    tables = [read_index(store, shard) for shard in range(len(counts))]
+    table = pa.concat_tables(tables) if tables else PARQUET_SCHEMA.empty_table()
+    with store.scratch_file(MANIFEST) as local:
+        pq.write_table(table, local)
+        store.put_file(local, MANIFEST)
+    store.write_json(SIZES, {Path(shard_tar(shard)).name: count for shard, count in enumerate(counts)})
+    return table
+
+
+def remove_consolidated(store: Store) -> None:
+    """Drop manifest and sizes.json while shards change, so no reader takes an unfinished run as complete."""
+    store.remove(MANIFEST)
+    store.remove(SIZES)
+
+
+def write_dataset(
+    out: str | Path,
+    samples: list[ShardSample],
+    samples_per_shard: int,
+    image_format: str = "jpg",
+    quality: int = 95,
+    record: dict | None = None,
+) -> Store:
+    """A complete run directory from samples made elsewhere (toy target sets, tests): shards of
+    `samples_per_shard`, manifest, sizes.json and a minimal dreamshard.json (plus the entries of `record`).
+    Sample i of the list must have metadata index i."""
+    store = Store(out)
+    counts = shard_counts(len(samples), samples_per_shard)
+    for shard in range(len(counts)):
+        write_shard(store, shard, samples[shard * samples_per_shard : (shard + 1) * samples_per_shard], image_format, quality)
+    consolidate(store, counts)
+    write_run_record(store, {
+        "format_version": FORMAT_VERSION, "num_samples": len(samples), "samples_per_shard": samples_per_shard,
+        "num_shards": len(counts), "image_format": image_format, "layout": LAYOUT, "fingerprints": {}, "model": {},
+        **(record or {}),
+    })  # fmt: skip
+    return store
+
+
+def read_manifest(where: str | Path | Store) -> pa.Table:
+    """The run's manifest.parquet, or (for an unfinished run) the committed shards' rows."""
+    store = as_store(where)
+    if store.exists(MANIFEST):
+        return pq.read_table(store.open(MANIFEST))
+    record = read_run_record(store) or {}
+    committed = committed_shards(store, record.get("samples_per_shard", 1))
+    tables = [read_index(store, shard) for shard in sorted(committed)]
+    return pa.concat_tables(tables) if tables else PARQUET_SCHEMA.empty_table()
+
+
+def manifest_rows(table: pa.Table) -> list[dict]:
+    return table_to_records(table)
+
+
+def read_run_record(store: Store) -> dict | None:
+    return store.read_json(RUN_RECORD) if store.exists(RUN_RECORD) else None
+
+
+def write_run_record(store: Store, record: dict) -> None:
+    store.write_json(RUN_RECORD, record)
+
+
+def read_shard(store: Store, shard: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {field: bytes}) of each sample of a shard's tar, in tar order (WebDataset key rules: the key
+    is the member name up to the first dot of its base name)."""
+    with store.open(shard_tar(shard)) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+        key, fields = None, {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = member.name.rsplit("/", 1)[-1]
+            member_key, _, ext = name.partition(".")
+            if key is not None and (member_key != key or ext in fields):  # a repeated field: a duplicate key
+                yield key, fields
+                fields = {}
+            key = member_key
+            fields[ext] = tar.extractfile(member).read()
+        if key is not None:
+            yield key, fields
+
+
+# ------------------------------------------------------------------------------------------ subsets
+
+
+def subset_keys(store: Store, subset: int, order: str = "manifest") -> tuple[list[int], set[str]]:
+    """The first `subset` samples of the manifest (in index order, or class-stratified): (their shards,
+    their keys). Prefixes nest: subset n is inside subset m > n."""
+    manifest = read_manifest(store).select(["key", "index", "shard", "class_name"]).sort_by("index")
+    if manifest.num_rows < subset:
+        raise ValueError(f"subset {subset} is larger than the {manifest.num_rows} samples in the manifest")
+    if order == "stratified":
+        manifest = manifest.take(stratified_order(manifest.column("class_name").to_pylist()))
+    first = manifest.slice(0, subset).to_pydict()
+    return sorted(set(first["shard"])), set(first["key"])
+
+
+def stratified_order(class_names: list[str]) -> list[int]:
+    """Positions ordered so that every prefix holds the classes as evenly as the data allows: each class's
+    k-th sample comes before any class's (k+1)-th, ties by position. One fixed order, so prefixes nest."""
+    seen: dict[str, int] = {}
+    rank = []
+    for name in class_names:
+        rank.append(seen.get(name, 0))
+        seen[name] = rank[-1] + 1
+    return sorted(range(len(class_names)), key=lambda i: (rank[i], i))

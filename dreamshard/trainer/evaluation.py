@@ -1,0 +1,106 @@
+"""Evaluation: mIoU over a labelled val set (whole-image or sliding-window inference), tables on disk, and
+`dreamshard eval` on a saved checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+
+from dreamshard.config import EvalConfig, TrainConfig
+from dreamshard.datasets.labels import CLASSES, NUM_CLASSES
+from dreamshard.errors import UserError
+from dreamshard.logs import console
+from dreamshard.trainer.checkpoints import read_weights
+from dreamshard.trainer.data import EvalSet, check_labels
+from dreamshard.trainer.metrics import confusion_metric, format_table, summarize
+from dreamshard.trainer.model import Segmenter
+from dreamshard.trainer.runtime import Runtime, init_distributed, runtime, sync_buffers
+
+
+def class_names(config: TrainConfig) -> list[str]:
+    names = config.model.class_names
+    if names:
+        if len(names) != config.model.num_classes:
+            raise UserError(f"model.class_names has {len(names)} names but model.num_classes is {config.model.num_classes}")
+        return list(names)
+    return list(CLASSES) if config.model.num_classes == NUM_CLASSES else [f"class{i}" for i in range(config.model.num_classes)]
+
+
+@torch.no_grad()
+def evaluate(config: TrainConfig, model: Segmenter, rt: Runtime) -> dict:
+    """Confusion matrix over the whole val set (each rank a slice, summed across ranks) → metrics summary."""
+    sync_buffers(model, rt)
+    dataset = EvalSet(config.data.val, config.data.allow_pipe)
+    part = Subset(dataset, range(rt.rank, len(dataset), rt.world))
+    loader = DataLoader(part, batch_size=config.eval.batch_size, num_workers=config.eval.workers)
+    metric = confusion_metric(config.model.num_classes).to(rt.device)
+    was_training = model.training
+    model.eval()
+    for images, labels in loader:
+        check_labels(labels, config.model.num_classes, "val data")
+        images = images.to(rt.device).float().div_(255)
+        with rt.autocast():
+            logits = infer(model, images, labels.shape[-2:], config.eval)
+        metric.update(logits.argmax(1), labels.to(rt.device).long())
+    model.train(was_training)
+    return summarize(metric.compute().cpu(), class_names(config))
+
+
+def infer(model: Segmenter, images: torch.Tensor, size: torch.Size, cfg: EvalConfig) -> torch.Tensor:
+    """Logits at label size: whole-image inference, or overlapping sliding windows averaged."""
+    if cfg.mode == "whole":
+        logits = model(images)
+    else:
+        logits = slide(model, images, cfg.crop_size, cfg.stride)
+    return torch.nn.functional.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+
+
+def slide(model: Segmenter, images: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
+    (h, w), (ch, cw), (sh, sw) = images.shape[-2:], crop, stride
+    ch, cw = min(ch, h), min(cw, w)
+    total = images.new_zeros((images.shape[0], model.num_classes, h, w))
+    count = images.new_zeros((1, 1, h, w))
+    for row in range(math.ceil(max(h - ch, 0) / sh) + 1):
+        for col in range(math.ceil(max(w - cw, 0) / sw) + 1):
+            y1, x1 = min(row * sh, h - ch), min(col * sw, w - cw)
+            window = images[..., y1 : y1 + ch, x1 : x1 + cw]
+            logits = torch.nn.functional.interpolate(model(window).float(), size=(ch, cw), mode="bilinear", align_corners=False)
+            total[..., y1 : y1 + ch, x1 : x1 + cw] += logits
+            count[..., y1 : y1 + ch, x1 : x1 + cw] += 1
+    return total / count
+
+
+def evaluate_and_save(config: TrainConfig, model: Segmenter, rt: Runtime, out: Path, iteration: int) -> dict:
+    summary = evaluate(config, model, rt)
+    if rt.main:
+        folder = out / "eval"
+        folder.mkdir(parents=True, exist_ok=True)
+        table = format_table(summary)
+        (folder / f"iter_{iteration:07d}.txt").write_text(table + "\n")
+        (folder / f"iter_{iteration:07d}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        console.print(f"evaluation at iteration {iteration}:\n{table}", highlight=False, markup=False)
+    return summary
+
+
+def evaluate_checkpoint(config: TrainConfig, checkpoint: Path) -> dict:
+    """`dreamshard eval`: load a checkpoint's student weights and evaluate on `data.val`."""
+    if config.data.val is None:
+        raise UserError("eval needs data.val (a labelled evaluation set) in the config")
+    created_group = init_distributed()
+    try:
+        rt = runtime(config)
+        model = Segmenter(config.model).to(rt.device)
+        weights = checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint
+        model.load_state_dict(read_weights(weights, config.model.num_classes))
+        summary = evaluate(config, model, rt)
+        if rt.main:
+            console.print(format_table(summary), highlight=False, markup=False)
+        return summary
+    finally:
+        if created_group:
+            dist.destroy_process_group()

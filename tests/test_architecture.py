@@ -1,0 +1,62 @@
+"""Import rules (DESIGN.md): cli → study → engine / trainer / personalize → format / datasets →
+config / errors / logs / cluster. No back-edges: the engine never imports the trainer nor the reverse,
+and the data contract (format/) imports neither."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "dreamshard"
+
+# part of dreamshard -> the parts it must never import
+FORBIDDEN = {
+    "format": {"engine", "trainer", "personalize", "study", "cli", "datasets"},
+    "datasets": {"engine", "trainer", "personalize", "study", "cli", "format"},
+    "engine": {"trainer", "personalize", "study", "cli"},
+    "trainer": {"engine", "personalize", "study", "cli"},
+    "personalize": {"trainer", "study", "cli"},  # it loads the base pipeline through engine.models
+    "study": {"cli"},
+    "config": {"engine", "trainer", "personalize", "study", "cli", "format", "datasets"},
+    "errors": {"engine", "trainer", "personalize", "study", "cli", "format", "datasets", "config"},
+    "cluster": {"engine", "trainer", "personalize", "study", "cli", "format", "datasets"},
+}
+
+
+def part_of(path: Path) -> str:
+    relative = path.relative_to(PACKAGE)
+    return relative.parts[0].removesuffix(".py")
+
+
+def imported_parts(path: Path) -> set[str]:
+    """The top-level dreamshard parts a module imports, at module level or inside functions."""
+    parts = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names if node.module == "dreamshard"]
+        for name in names:
+            pieces = name.split(".")
+            if pieces[0] == "dreamshard" and len(pieces) > 1:
+                parts.add(pieces[1])
+    return parts
+
+
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_point_one_way(path):
+    forbidden = FORBIDDEN.get(part_of(path), set())
+    assert not imported_parts(path) & forbidden, f"{path.relative_to(PACKAGE)} imports {sorted(imported_parts(path) & forbidden)}"
+
+
+def test_the_rule_checker_sees_a_back_edge(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from dreamshard.trainer.loop import train\n")
+    assert imported_parts(module) == {"trainer"}
+    assert len(MODULES) > 30  # the walk found the package
