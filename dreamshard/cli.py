@@ -13,8 +13,8 @@ import typer
 from rich.text import Text
 
 from dreamshard import __version__
-from dreamshard.errors import UserError
-from dreamshard.logs import console, setup_logging
+from dreamshard.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, UserError, on_sigterm_raise, terminated
+from dreamshard.logs import console, set_log_every, setup_logging
 
 app = typer.Typer(
     help="Personalised Stable Diffusion data generation at scale (Ray + WebDataset) and UDA segmentation training.",
@@ -25,6 +25,9 @@ app = typer.Typer(
 )
 
 SET_HELP = "Override a config value: --set dotted.key=value (repeatable; values parsed as YAML)."
+LOG_EVERY_OPTION = typer.Option(
+    None, "--log-every", min=0, help="When the output is not a terminal (a log file), print a progress line at least this often (seconds; default 30)."
+)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -42,8 +45,10 @@ def user_errors(func):
             return func(*args, **kwargs)
         except UserError as exc:
             fail(str(exc), exc.exit_code)
-        except KeyboardInterrupt:
-            fail("interrupted; committed work is kept and a re-run resumes it", 130)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM turned into Terminated
+            if isinstance(exc, Terminated) or terminated():
+                fail("terminated (SIGTERM); committed work is kept and a re-run of the same command resumes it", EXIT_TERMINATED)
+            fail("interrupted; committed work is kept and a re-run of the same command resumes it", EXIT_INTERRUPTED)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 fail(f"no space left on device ({exc.filename or 'output'}); free space or choose another output, then re-run to resume", 1)
@@ -68,6 +73,7 @@ def main(
 ) -> None:
     """dreamshard: personalise SD, generate sharded datasets on Ray, train segmenters on them."""
     setup_logging(-1 if quiet else (1 if verbose else 0))
+    on_sigterm_raise()
 
 
 @app.command("tiny-model")
@@ -86,7 +92,7 @@ def tiny_model(
     if out.exists() and any(out.iterdir()):
         fail(f"{out} exists and is not empty; choose a new directory or remove it first")
     build_tiny_model(out, preset, seed)
-    console.print(f"wrote {preset} model to {out}")
+    console.print(f"wrote {preset} model to {out}", markup=False)
 
 
 @app.command("generate")
@@ -94,6 +100,7 @@ def tiny_model(
 def generate(
     config: Path = typer.Argument(..., help="Generation config YAML (configs/quickstart.yaml, configs/datum_*.yaml, ...)."),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    log_every: Optional[float] = LOG_EVERY_OPTION,
     out: Optional[str] = typer.Option(None, "--out", help="Output directory or fsspec URL (s3://, gs://); default: output.path."),
     num_samples: Optional[int] = typer.Option(
         None, "--num-samples", min=1, help="Samples in the dataset; default: run.num_samples. Raising it extends a finished run."
@@ -105,9 +112,12 @@ def generate(
 ) -> None:
     """Generate a WebDataset dataset with Ray workers. Re-running the same command resumes (committed
     shards are kept); a higher --num-samples extends it. Layout: docs/format.md; clusters: docs/cluster.md."""
+    set_log_every(log_every)
     from dreamshard.config import GenerateConfig, load_config
+    from dreamshard.engine.run import ClusterWatchdog
     from dreamshard.engine.run import generate as run_generate
 
+    ClusterWatchdog.hard_exit = True  # a lost cluster ends this process with one line, even if a Ray call blocks
     summary = run_generate(load_config(config, GenerateConfig, sets), out, num_samples, address, force_new)
     console.print(
         f"{summary.out}: {summary.samples} samples in {summary.shards} shards ({summary.bytes / 2**20:.1f} MiB); "
@@ -115,10 +125,53 @@ def generate(
         f"({summary.shards_skipped} already done) at {summary.images_per_s:.1f} images/s; "
         f"{summary.retries} retries, {summary.failed_workers} failed workers; wall time {summary.wall_seconds:.1f} s",
         highlight=False,
+        markup=False,
     )
     if not summary.ok:
         failed = "; ".join(f"shard {shard}: {reason}" for shard, reason in sorted(summary.failed_shards.items()))
         fail(f"{len(summary.failed_shards)} shard(s) could not be generated after retries ({failed}); re-run the same command to retry them", 1)
+
+
+@app.command("plan")
+@user_errors
+def plan(
+    config: Path = typer.Argument(..., help="Generation config YAML (same as for `generate`)."),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    out: Optional[str] = typer.Option(None, "--out", help="Output directory or fsspec URL; default: output.path."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=1, help="Samples in the dataset; default: run.num_samples."),
+    first: int = typer.Option(10, "-n", "--first", min=0, help="How many of the first prompts to show."),
+) -> None:
+    """What `generate` would do, without Ray or the model: shards, the first prompts and seeds, counts per
+    class / template / style value, estimated bytes, and fresh / resume / extend / refuse for the output."""
+    from rich.table import Table
+
+    from dreamshard.config import GenerateConfig, load_config
+    from dreamshard.engine.dryrun import dry_run
+
+    report = dry_run(load_config(config, GenerateConfig, sets), out, num_samples, first)
+    console.print(
+        f"{report.out}: {report.samples} samples in {report.shards} shards of {report.samples_per_shard}; "
+        f"about {report.estimated_bytes / 2**30:.2f} GiB ({report.bytes_basis})",
+        markup=False,
+        highlight=False,
+    )
+    console.print(f"generate would: {report.action} — {report.detail}", markup=False, highlight=False)
+    prompts = Table(title=f"the first {len(report.first)} samples")
+    for column in ("index", "seed", "class", "style", "steps", "guidance", "prompt"):
+        prompts.add_column(column)
+    for row in report.first:
+        style = ", ".join(f"{k}={v}" for k, v in row["style"].items())
+        prompts.add_row(str(row["index"]), str(row["seed"]), row["class"], style, str(row["steps"]), f"{row['guidance']:g}", row["prompt"])
+    console.print(prompts)
+    for name, counter in report.counts.items():
+        table = Table(title=f"{name} (first {report.counted} samples)")
+        table.add_column(name.split(": ")[-1])
+        table.add_column("samples", justify="right")
+        for value, count in sorted(counter.items(), key=lambda item: (-item[1], item[0])):
+            table.add_row(value, str(count))
+        console.print(table)
+    if report.action == "refuse":
+        raise typer.Exit(2)
 
 
 @app.command("inspect")
@@ -136,16 +189,18 @@ def inspect(out: str = typer.Argument(..., help="A run directory (or fsspec URL)
 def verify(
     out: str = typer.Argument(..., help="A run directory (or fsspec URL) written by `dreamshard generate`."),
     decode: bool = typer.Option(True, "--decode/--no-decode", help="Decode every image (slower, catches corrupt images)."),
+    log_every: Optional[float] = LOG_EVERY_OPTION,
 ) -> None:
     """Check a run directory against the data contract; exit 1 listing the problems."""
+    set_log_every(log_every)
     from dreamshard.engine.tools import verify_dataset
 
     problems = verify_dataset(out, decode_images=decode)
     for problem in problems:
-        console.print(f"- {problem}", highlight=False, soft_wrap=True)
+        console.print(f"- {problem}", highlight=False, soft_wrap=True, markup=False)
     if problems:
         fail(f"{out}: {len(problems)} problem(s) found", 1)
-    console.print(f"{out}: ok")
+    console.print(f"{out}: ok", markup=False)
 
 
 @app.command("preview")
@@ -158,7 +213,7 @@ def preview(
     """A contact sheet of the first samples with their prompts as captions."""
     from dreamshard.engine.tools import preview_grid
 
-    console.print(f"wrote {preview_grid(out, count, output)}")
+    console.print(f"wrote {preview_grid(out, count, output)}", markup=False)
 
 
 @app.command("personalize")
@@ -166,11 +221,13 @@ def preview(
 def personalize(
     config: Path = typer.Argument(..., help="Personalisation config YAML (configs/personalize_datum.yaml, configs/personalize_lora.yaml)."),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    log_every: Optional[float] = LOG_EVERY_OPTION,
 ) -> None:
     """DreamBooth fine-tuning (full or LoRA) on target image(s). OUT (output.path) is the final model: use it
     with `dreamshard generate --set model.path=OUT`; OUT/checkpoint-STEP/ are earlier steps, loadable the same
     way. Re-running the same command resumes from the newest checkpoint. Multi-GPU: `accelerate launch -m
     dreamshard personalize ...`."""
+    set_log_every(log_every)
     from dreamshard.config import PersonalizeConfig, load_config
     from dreamshard.personalize.dreambooth import personalize as run_personalize
 
@@ -182,17 +239,23 @@ def personalize(
 def train(
     config: Path = typer.Argument(..., help="Training config YAML (configs/train_dacs.yaml, configs/toy_dacs.yaml, ...)."),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    log_every: Optional[float] = LOG_EVERY_OPTION,
+    restart: bool = typer.Option(False, "--restart", help="Move an existing output aside (OUTPUT.old-<time>) and train from scratch."),
 ) -> None:
     """Train a segmenter (dacs, source_only or supervised_synthetic) on shards and/or folder datasets, then
-    evaluate on data.val. Re-running resumes from the newest checkpoint in output. Multi-GPU / multi-node:
+    evaluate on data.val. Re-running resumes from the newest checkpoint in output.path, if the settings that
+    shape the result are the same (only max_iters may grow); --restart starts over. Multi-GPU / multi-node:
     `torchrun --nproc_per_node N -m dreamshard train ...` or `accelerate launch -m dreamshard train ...`."""
+    set_log_every(log_every)
     from dreamshard.config import TrainConfig, load_config
     from dreamshard.trainer.loop import train as run_train
 
-    summary = run_train(load_config(config, TrainConfig, sets))
+    summary = run_train(load_config(config, TrainConfig, sets), restart=restart)
     if summary["mIoU"] is not None:
         console.print(
-            f"{summary['output']}: mIoU {100 * summary['mIoU']:.2f} after {summary['iterations']} iterations ({summary['wall_s']:.0f} s)", highlight=False
+            f"{summary['output']}: mIoU {100 * summary['mIoU']:.2f} after {summary['iterations']} iterations ({summary['wall_s']:.0f} s)",
+            highlight=False,
+            markup=False,
         )
 
 
@@ -212,6 +275,7 @@ def evaluate(
 
     summary = evaluate_checkpoint(load_config(config, TrainConfig, sets), checkpoint)
     if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(summary, indent=2) + "\n")
 
 
@@ -229,7 +293,7 @@ def toy_data(
     if out.exists() and any(out.iterdir()):
         fail(f"{out} exists and is not empty; choose a new directory or remove it first")
     paths = make_toy(out, seed=seed, size=size)
-    console.print(f"wrote toy data to {out}: " + ", ".join(f"{name}/" for name in paths))
+    console.print(f"wrote toy data to {out}: " + ", ".join(f"{name}/" for name in paths), markup=False)
 
 
 @app.command("study")
@@ -237,15 +301,19 @@ def toy_data(
 def study(
     config: Path = typer.Argument(..., help="Study config YAML (see configs/study_toy.yaml)."),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    log_every: Optional[float] = LOG_EVERY_OPTION,
     address: Optional[str] = typer.Option(None, help="Ray cluster to join ('auto', 'ray://host:10001'); default: an embedded local Ray."),
 ) -> None:
     """Dataset-size scaling study: train on nested subsets x seeds (Ray tasks), write study.{parquet,csv,md,png}."""
+    set_log_every(log_every)
     from dreamshard.config import StudyConfig, load_config
+    from dreamshard.engine.run import ClusterWatchdog
     from dreamshard.study import run_study
 
+    ClusterWatchdog.hard_exit = True
     summary = run_study(load_config(config, StudyConfig, sets), address=address)
-    console.print((summary.out / "study.md").read_text(), highlight=False)
-    console.print(f"study: {len(summary.trained)} run(s) trained, {len(summary.skipped)} already done; results in {summary.out}")
+    console.print((summary.out / "study.md").read_text(), highlight=False, markup=False)
+    console.print(f"study: {len(summary.trained)} run(s) trained, {len(summary.skipped)} already done; results in {summary.out}", markup=False)
     if not summary.ok:
         fail(f"{len(summary.failed)} run(s) failed after retries: {', '.join(sorted(summary.failed))}; re-run to retry them", 1)
 

@@ -152,8 +152,12 @@ class RunConfig(Strict):
     gpus_per_worker: float = Field(1.0, gt=0)  # fractions put several small-model workers on one GPU
     torch_threads: int = Field(1, ge=1)  # per CPU worker
     max_shard_retries: int = Field(3, ge=0)  # re-runs of a shard whose worker died or failed
-    shard_timeout_s: float | None = Field(None, gt=0)  # kill and retry a worker stuck on one shard this long
-    worker_start_timeout_s: float = Field(900.0, gt=0)  # give up if no worker has loaded the model by then
+    # Kill and retry a worker that has not finished a shard for this long (a hung GPU); raise it for shards
+    # that take longer (1,000 images of a slow model); null: never.
+    shard_timeout_s: float | None = Field(3600.0, gt=0)
+    # Stop (exit 1, resumable) when no worker is ready and none could be started for this long (no resources,
+    # every model load failing, nodes gone); 0: wait forever (autoscaling clusters).
+    worker_start_timeout_s: float = Field(300.0, ge=0)
 
 
 class GenerateConfig(Strict):

@@ -11,6 +11,46 @@ class ConfigError(UserError):
     """A config file or --set override is invalid."""
 
 
+class RunFailure(UserError):
+    """The run could not go on (out of space, unusable data, shards that kept failing): one line, exit 1,
+    nothing committed is lost, and the message says how to go on."""
+
+    exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's cancel, `kill`): handled like Ctrl-C, exit 143."""
+
+
+# Exit codes of every command: 0 done, 1 runtime failure, 2 bad input or config, 130 interrupted (SIGINT),
+# 143 terminated (SIGTERM).
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+
+
+_SIGNALS_RECEIVED: set[int] = set()
+
+
+def terminated() -> bool:
+    """Whether this process received SIGTERM (see on_sigterm_raise)."""
+    import signal
+
+    return signal.SIGTERM in _SIGNALS_RECEIVED
+
+
+def on_sigterm_raise() -> None:
+    """Turn SIGTERM into `Terminated` in the main thread (Ray's driver installs its own handler at init,
+    which ends in a C++ stack dump: `cluster.ray_session` puts this one back after init)."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        _SIGNALS_RECEIVED.add(signum)  # Ray's C extension may re-raise it as a plain KeyboardInterrupt
+        raise Terminated()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def one_line(exc: BaseException, last: bool = False, limit: int = 300) -> str:
     """An exception as one line of a user message: its first line, or its last for errors that carry a
     remote traceback (a failed Ray task), cut at `limit` characters; the type name if it has no text."""

@@ -7,9 +7,11 @@ skips every run that has one (and a half-finished run resumes from its own train
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -17,10 +19,12 @@ from pathlib import Path
 
 from dreamshard.cluster import ray_session
 from dreamshard.config import GenerateConfig, StudyConfig, TrainConfig, apply_overrides, read_yaml, validate
-from dreamshard.errors import UserError, one_line
+from dreamshard.engine.run import ClusterWatchdog
+from dreamshard.errors import RunFailure, UserError, one_line
+from dreamshard.format.layout import RUN_RECORD
 from dreamshard.format.reader import committed_prefix, read_run_record
 from dreamshard.format.store import Store, atomic_write_json
-from dreamshard.logs import console
+from dreamshard.logs import StageProgress
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +69,7 @@ def parse_sizes(sizes: list[int] | str) -> list[int]:
             start, stop, factor = int(start_text), int(stop_text), float(factor_text)
         except ValueError:
             raise UserError(f"study sizes {sizes!r}: expected a list or 'start..stop x factor', e.g. '100..1600x2'") from None
-        if start < 1 or stop < start or factor <= 1:
+        if start < 1 or stop < start or not math.isfinite(factor) or factor <= 1:
             raise UserError(f"study sizes {sizes!r}: need 1 <= start <= stop and factor > 1")
         values, value = [], float(start)
         while round(value) <= stop * (1 + 1e-9):
@@ -89,9 +93,17 @@ def run_study(config: StudyConfig, address: str | None = None, show_progress: bo
     out.mkdir(parents=True, exist_ok=True)
     (out / "study_config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2))
 
-    def finished(run: StudyRun) -> bool:
-        return (out / "runs" / run.run_id / RESULT).is_file()
+    # What each run's result depends on: a result made under other settings (iterations, method, subset
+    # order, the training config) is stale and the run trains again.
+    expected = {run.run_id: run_settings(run_train_config(config, train_config, run, out)) for run in runs}
 
+    def finished(run: StudyRun) -> bool:
+        return _stored_settings(out, run) == expected[run.run_id]
+
+    for run in runs:  # a stale result, or a half-trained run under other settings, is cleared (a half-trained one otherwise resumes)
+        if _stale(out, run, expected[run.run_id], run_train_config(config, train_config, run, out)):
+            log.warning("study run %s was trained with other settings; training it again from scratch", run.run_id)
+            shutil.rmtree(out / "runs" / run.run_id)
     todo = [run for run in runs if not finished(run)]
     summary = StudySummary(out=out, rows=[], skipped=[run.run_id for run in runs if finished(run)])
     if todo:  # a study with nothing left to train starts no Ray at all
@@ -137,8 +149,9 @@ def _generate_config(config: StudyConfig) -> GenerateConfig:
     """The generation config: the one given, else the one recorded in the run's dreamshard.json."""
     if config.data.generate_config:
         return validate(GenerateConfig, read_yaml(config.data.generate_config), config.data.generate_config)
-    record_path = Path(config.data.run) / "dreamshard.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    store = Store(config.data.run)
+    record = read_run_record(store) or {}
+    record_path = store.url_of(RUN_RECORD)
     if "config" not in record:
         raise UserError(
             f"{config.data.run} was not made by `dreamshard generate`, so it cannot be extended; "
@@ -194,21 +207,56 @@ def _train_all(config: StudyConfig, base: dict, todo: list[StudyRun], out: Path,
         ref = task.remote(train_config.model_dump(mode="json"), str(out / "runs" / run.run_id / RESULT), run.size, run.seed)
         pending[ref] = run
     total, best = len(todo), None
-    with _progress(show_progress, total) as progress:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            for ref in ready:
-                run = pending.pop(ref)
-                try:
-                    row = ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - a failed run is reported, the others go on
-                    summary.failed[run.run_id] = one_line(exc, last=True)
-                    log.error("study run %s failed after %d retries: %s", run.run_id, config.max_retries, summary.failed[run.run_id])
-                else:
-                    summary.trained.append(run.run_id)
-                    if run.size is not None and row["miou"] is not None and (best is None or row["miou"] > best[1]):
-                        best = (run.run_id, row["miou"])
-                progress(total - len(pending), best)
+    watchdog = ClusterWatchdog(ray, lambda: f"{len(pending)} training run(s)")  # a cluster gone: one line, not a hang
+    watchdog.start()
+    try:
+        with StageProgress("study", total, "runs", enabled=show_progress) as progress:
+            while pending:
+                if watchdog.problem:
+                    raise RunFailure(watchdog.message())
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    run = pending.pop(ref)
+                    try:
+                        row = ray.get(ref)
+                    except Exception as exc:  # noqa: BLE001 - a failed run is reported, the others go on
+                        summary.failed[run.run_id] = one_line(exc, last=True)
+                        log.error("study run %s failed after %d retries: %s", run.run_id, config.max_retries, summary.failed[run.run_id])
+                    else:
+                        summary.trained.append(run.run_id)
+                        if run.size is not None and row["miou"] is not None and (best is None or row["miou"] > best[1]):
+                            best = (run.run_id, row["miou"])
+                    progress.update(total - len(pending), f"best so far {best[0]} mIoU {100 * best[1]:.2f}" if best else "")
+                progress.update(total - len(pending), progress.info)  # a line in a log every --log-every s while runs train
+    finally:
+        watchdog.stop_unless_gone()
+
+
+def run_settings(config: TrainConfig) -> str:
+    """A digest of everything one run's result depends on (its iterations included)."""
+    from dreamshard.trainer.checkpoints import result_settings
+
+    settings = {**result_settings(config), "max_iters": config.max_iters}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _stale(out: Path, run: StudyRun, expected: str, train_config: TrainConfig) -> bool:
+    from dreamshard.trainer.checkpoints import RUN_SETTINGS, result_settings
+
+    if (out / "runs" / run.run_id / RESULT).is_file():
+        return _stored_settings(out, run) != expected
+    partial = Path(train_config.output.path) / RUN_SETTINGS
+    try:
+        return partial.is_file() and json.loads(partial.read_text()).get("settings") != result_settings(train_config)
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
+def _stored_settings(out: Path, run: StudyRun) -> str | None:
+    try:
+        return json.loads((out / "runs" / run.run_id / RESULT).read_text()).get("settings")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def train_one(train_config: dict, result_path: str, size: int | None, seed: int) -> dict:
@@ -226,6 +274,7 @@ def train_one(train_config: dict, result_path: str, size: int | None, seed: int)
         "wall_seconds": time.perf_counter() - started,
         "images_per_s": result.get("images_per_s"),
         "iterations": config.max_iters,
+        "settings": run_settings(config),
     }
     atomic_write_json(result_path, row)
     return row
@@ -317,23 +366,3 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-class _progress:
-    """Runs done / total and the best mIoU so far, one line per finished run (or a live bar)."""
-
-    def __init__(self, show: bool, total: int) -> None:
-        self.show, self.total, self.started = show, total, time.perf_counter()
-
-    def __enter__(self):
-        if self.show:
-            console.print(f"study: {self.total} run(s) to train")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    def __call__(self, done: int, best: tuple[str, float] | None) -> None:
-        if self.show:
-            best_text = f", best so far {best[0]} mIoU {100 * best[1]:.2f}" if best else ""
-            console.print(f"study: {done}/{self.total} runs done ({time.perf_counter() - self.started:.0f} s){best_text}")

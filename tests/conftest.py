@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,40 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> str:
+def s3_endpoint() -> str:
+    """A real S3 API: moto's server on 127.0.0.1 (a free port), with dummy credentials in the environment,
+    set before any Ray worker starts so workers inherit them (AWS_ENDPOINT_URL is honoured by botocore, so
+    s3fs in every process talks to it). Tests make their own bucket (`s3_bucket`)."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request log lines in the test output
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> str:
+    """A new, empty bucket on the moto server: its s3:// URL."""
+    import uuid
+
+    import fsspec
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3", use_listings_cache=False).mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint) -> str:
     """A local Ray (loopback only, no dashboard, small object store) shared by every test that asks for
     it; yields the GCS address, so subprocesses can join it with `--address`. 4 logical CPUs on purpose:
     two 1-CPU workers plus room for a replacement or a test's own task on a 2-core machine."""

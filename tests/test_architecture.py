@@ -60,3 +60,10 @@ def test_the_rule_checker_sees_a_back_edge(tmp_path):
     module.write_text("def f():\n    from dreamshard.trainer.loop import train\n")
     assert imported_parts(module) == {"trainer"}
     assert len(MODULES) > 30  # the walk found the package
+
+
+def test_embedded_ray_listens_on_loopback_only(ray_cluster):
+    import ray
+
+    assert ray_cluster.startswith("127.0.0.1:")  # the GCS
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}

@@ -195,3 +195,39 @@ def test_unwritable_output_is_one_line_exit_2(tiny_model, tmp_path):
     code, output = run_cli("generate", str(config))
     assert code == 2 and "Traceback" not in output and len(output.strip().splitlines()) == 1, output
     assert "a-file" in output
+
+
+def test_progress_lines_in_a_log_file(ray_cluster, tiny_model, tmp_path):
+    """Under a scheduler the output is a file: plain `shards D/T` lines at least every --log-every seconds."""
+    import re
+    import subprocess
+    import sys
+
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(make_config(tiny_model, tmp_path / "out").model_dump(mode="json")))
+    log = tmp_path / "generate.log"
+    with open(log, "w") as fh:
+        done = subprocess.run(
+            [sys.executable, "-m", "dreamshard", "generate", str(config), "--address", ray_cluster, "--log-every", "0.5", "--set", "run.workers=1"],
+            stdout=fh, stderr=fh, timeout=600,
+        )  # fmt: skip
+    text = log.read_text()
+    assert done.returncode == 0, text[-2000:]
+    lines = [line for line in text.splitlines() if line.startswith("generate: ") and re.search(r"shards \d+/4", line)]
+    assert len(lines) >= 2 and "\x1b[" not in text, text[-2000:]  # several plain lines, no terminal escapes
+    assert re.search(rf"generate: {N}/{N} images \(100%\).*shards 4/4", lines[-1]), lines[-1]
+
+
+def test_plan_says_what_generate_would_do_without_ray_or_model(first_run, tmp_path):
+    config, out, _ = first_run
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(json.dumps(config.model_dump(mode="json")))
+    code, output = run_cli("plan", str(config_file), "-n", "3")
+    assert code == 0 and "generate would: complete" in output and f"{N} samples in 4 shards" in output, output
+    code, output = run_cli("plan", str(config_file), "--num-samples", str(N + PER_SHARD))
+    assert code == 0 and "generate would: extend" in output and "4 of 5 shards committed" in output, output
+    code, output = run_cli("plan", str(config_file), "--set", "run.seed=99")
+    assert code == 2 and "generate would: refuse" in output and "different plan" in output, output
+    # No model here (planning a cluster run on a laptop): the recipe config as shipped, model absent.
+    code, output = run_cli("plan", str(Path(__file__).resolve().parents[1] / "configs/datum_gta2cityscapes.yaml"), "--out", str(tmp_path / "new"))
+    assert code == 0 and "generate would: fresh" in output and "sks" in output, output

@@ -201,6 +201,52 @@ def test_generate_a_shard_from_the_lora_output(lora_out, tmp_path):
     assert (tmp_path / "run" / "shards" / "000000.tar").is_file()
 
 
+@pytest.mark.slow
+def test_retrained_lora_at_the_same_path_is_refused_and_a_copy_is_accepted(lora_out, tmp_path):
+    """The dataset fingerprint covers the LoRA by content, however it is given (here: model.path pointing at
+    a personalisation output). New weights at the same path must not be mixed into a run made with the old."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from dreamshard.engine.run import generate
+
+    lora = tmp_path / "lora"
+    shutil.copytree(lora_out, lora, ignore=shutil.ignore_patterns("checkpoint-*"))
+    data = {
+        "model": {"path": str(lora)},
+        "sampling": {"width": RESOLUTION, "height": RESOLUTION, "steps": 2},
+        "output": {"path": str(tmp_path / "run"), "samples_per_shard": 2},
+        "run": {"num_samples": 2, "batch_size": 2, "workers": 1},
+    }
+    assert generate(validate(GenerateConfig, data), show_progress=False).ok
+    record = json.loads((tmp_path / "run" / "dreamshard.json").read_text())
+    assert record["model"]["lora"] and record["model"]["lora"] == record["fingerprint_parts"]["model"]["lora"]
+    manifest = pq_rows(tmp_path / "run")
+    assert all(json.loads(row["model"])["lora"] == record["model"]["lora"] for row in manifest)
+
+    # Retrained into the same folder (new weights, same file names), then generate on the old output: refused.
+    weights = load_file(lora / LORA_WEIGHTS)
+    save_file({name: tensor + 0.01 for name, tensor in weights.items()}, lora / LORA_WEIGHTS)
+    config_file = tmp_path / "generate.yaml"
+    config_file.write_text(json.dumps(data))
+    result = CliRunner().invoke(app, ["generate", str(config_file), "--num-samples", "4"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "different model (lora: " in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+    # The original weights copied to another folder are the same dataset: the run is extended.
+    copy = tmp_path / "copy"
+    shutil.copytree(lora_out, copy, ignore=shutil.ignore_patterns("checkpoint-*"))
+    summary = generate(validate(GenerateConfig, {**data, "model": {"path": str(copy)}}), num_samples=4, show_progress=False)
+    assert summary.ok and summary.shards_skipped == 1 and summary.shards_generated == 1
+
+
+def pq_rows(run) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(run / "manifest.parquet").to_pylist()
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 

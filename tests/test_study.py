@@ -1,5 +1,6 @@
 """Scaling studies: sizes, results table and plot (unit), and a whole study on the toy domain shift."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,15 @@ def test_study_runs_every_size_and_seed_once_and_resumes(tmp_path, toy, ray_clus
     again = run_study(config, show_progress=False)
     assert again.trained == [] and len(again.skipped) == 8
     assert result_stamps(out) == stamps  # nothing retrained
+
+    # Other settings (here the iterations, for the sized runs only): their results are stale and retrained.
+    changed = study_config(
+        tmp_path, train_yaml(tmp_path, toy), toy["target"], [4, 8, 16], stratified=True, iterations=3,
+        train={"baseline": str(train_yaml(tmp_path, toy, "source_only"))},
+    )  # fmt: skip
+    third = run_study(changed, show_progress=False)
+    assert third.ok and len(third.trained) == 8 and third.skipped == []
+    assert all(json.loads((out / "runs" / run / "result.json").read_text())["iterations"] == 3 for run in result_stamps(out))
 
 
 def test_study_refuses_sizes_beyond_the_data_when_extend_is_off(tmp_path, toy):

@@ -61,8 +61,13 @@ def test_resume_checkpoint_eval_and_bad_input(toy, tmp_path):
     logged = [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged[:2] == [1, 2] and 3 in logged
 
+    with pytest.raises(UserError, match="trained with other settings .*model.num_classes: 5 then, 6 now"):
+        train(toy_config(toy, out, "dacs", max_iters=4, **{**small, "model.num_classes": 6, "model.class_names": "[]"}))
+    # The checkpoint's own check stays behind it (a run directory made before settings were recorded).
+    (out / "run_settings.json").unlink()
     with pytest.raises(UserError, match="has 5 classes but model.num_classes is 6"):
         train(toy_config(toy, out, "dacs", max_iters=4, **{**small, "model.num_classes": 6, "model.class_names": "[]"}))
+    train(toy_config(toy, out, "dacs", max_iters=3, **small))  # records the settings again (nothing left to train)
 
     runner = CliRunner()
     config = str(ROOT / "configs" / "toy_dacs.yaml")

@@ -75,10 +75,15 @@ def resolve_model_path(model: ModelConfig) -> tuple[str, str | None]:
     lora = model.lora
     manifest = path / LORA_MANIFEST
     if manifest.is_file():
-        info = json.loads(manifest.read_text())
-        lora = lora or str(path / info.get("weights", "pytorch_lora_weights.safetensors"))
-        base = info["base_model"]
-        return base, lora
+        try:
+            info = json.loads(manifest.read_text())
+            base = info["base_model"]
+            weights = info.get("weights", "pytorch_lora_weights.safetensors")
+            if not isinstance(base, str) or not isinstance(weights, str):
+                raise TypeError("base_model and weights must be strings")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{manifest} is not a valid LoRA manifest ({one_line(exc)}); re-run `dreamshard personalize` to rewrite it") from None
+        return base, lora or str(path / weights)
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise UserError(
@@ -105,9 +110,10 @@ def make_scheduler(name: str, config):
 
 def model_fingerprint(path: str | Path) -> str:
     """A content hash of a model: every config file in full, plus each weight file's size and its first and
-    last MiB (hashing gigabytes of weights in full would slow every run start). For a pipeline directory
-    only `model_index.json` and its component folders count, so checkpoints or logs kept beside them (a
-    personalisation output) do not change it. A hub id that is not a local path hashes as its name."""
+    last MiB (hashing gigabytes of weights in full would slow every run start; retraining changes weights
+    throughout, so a retrained file never keeps both ends). For a pipeline directory only `model_index.json`
+    and its component folders count, so checkpoints or logs kept beside them (a personalisation output) do
+    not change it. A path that does not exist hashes as its name (see `model_identity` for hub ids)."""
     root = Path(path).expanduser()
     if root.is_file():
         files = [root]
@@ -131,14 +137,36 @@ def model_fingerprint(path: str | Path) -> str:
 
 
 def model_identity(model: ModelConfig) -> dict:
-    """What the generated images depend on, by content: the base pipeline, the LoRA and the ControlNet."""
+    """What the generated images depend on, by content: the base pipeline, the LoRA (from model.lora or a
+    personalised LoRA directory in model.path) and the ControlNet; hub ids by the content of their snapshot in
+    the local cache, with its commit. Stored in every sample's json `model` and in the dataset fingerprint."""
     base, lora = resolve_model_path(model)
-    return {
-        "id": model.path,
-        "hash": model_fingerprint(base),
-        "lora": model_fingerprint(lora) if lora else None,
-        "controlnet": model_fingerprint(model.controlnet) if model.controlnet else None,
-    }
+    base_hash, revision = _content_hash(base, model.revision, model.local_files_only)
+    identity = {"id": model.path, "hash": base_hash, "revision": revision}
+    identity["lora"] = model_fingerprint(lora) if lora else None
+    identity["controlnet"] = _content_hash(model.controlnet, None, model.local_files_only)[0] if model.controlnet else None
+    return identity
+
+
+def _content_hash(path_or_id: str, revision: str | None, local_files_only: bool) -> tuple[str, str | None]:
+    """(content hash, hub commit or None) of a local model, or of a hub id: the content of its snapshot in the
+    local HF cache; not cached and the hub allowed: the hub's commit for the revision (itself a content
+    address), without downloading gigabytes on the driver."""
+    if Path(path_or_id).expanduser().exists() or _looks_local(path_or_id):
+        return model_fingerprint(path_or_id), None
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        snapshot = Path(snapshot_download(path_or_id, revision=revision, local_files_only=True))
+        return model_fingerprint(snapshot), snapshot.name
+    except Exception:  # noqa: BLE001 - not in the cache (or no such repo)
+        if local_files_only:  # the loader then refuses it with one line; nothing is generated
+            return f"hub:{path_or_id}@{revision or 'main'}", revision
+    try:
+        commit = HfApi().model_info(path_or_id, revision=revision).sha
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"cannot look up model {path_or_id!r} on the hub ({one_line(exc)}); check the id and revision, or use a local directory") from None
+    return f"hub:{path_or_id}@{commit}", commit
 
 
 def _model_files(root: Path) -> list[Path]:

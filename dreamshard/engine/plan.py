@@ -40,6 +40,7 @@ from dreamshard.errors import UserError
 
 # Bump when the derivation below changes, so old runs' fingerprints no longer match.
 PLAN_VERSION = 1
+MAX_GUIDANCE = 100.0
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -284,8 +285,11 @@ def _steps_range(steps: int | tuple[int, int]) -> tuple[int, int]:
 
 def _guidance_range(guidance: float | tuple[float, float]) -> tuple[float, float]:
     low, high = (guidance, guidance) if isinstance(guidance, (int, float)) else guidance
-    if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or high < low:
-        raise UserError(f"sampling.guidance_scale = {guidance}: need a number >= 0 or a range [low, high] with 0 <= low <= high")
+    if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or high < low or high > MAX_GUIDANCE:
+        raise UserError(
+            f"sampling.guidance_scale = {guidance}: need a number in [0, {MAX_GUIDANCE}] or a range [low, high] within it "
+            "(far above ~20 the images saturate to flat colours)"
+        )
     return float(low), float(high)
 
 

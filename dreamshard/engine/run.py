@@ -13,28 +13,32 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
+import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from dreamshard import __version__
 from dreamshard.cluster import ray_session
 from dreamshard.config import GenerateConfig
 from dreamshard.engine.conditioned import conditioner_for
-from dreamshard.engine.models import model_fingerprint, resolve_model_path
+from dreamshard.engine.lease import LEASE, OutputLease
+from dreamshard.engine.models import model_identity
 from dreamshard.engine.plan import Plan, build_plan
 from dreamshard.engine.worker import GenerationWorker
-from dreamshard.errors import UserError, one_line
-from dreamshard.format.layout import FORMAT_VERSION, LAYOUT, shard_counts
+from dreamshard.errors import RunFailure, UserError, one_line
+from dreamshard.format.layout import FORMAT_VERSION, LAYOUT, STATS, shard_counts
 from dreamshard.format.reader import (
+    UnreadableIndex,
     clean_partials,
     committed_shards,
     consolidate,
@@ -44,17 +48,21 @@ from dreamshard.format.reader import (
     write_run_record,
 )
 from dreamshard.format.store import Store
-from dreamshard.logs import console
+from dreamshard.logs import StageProgress, console
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.25  # how long the driver waits for any result before refreshing progress and timeouts
+HEALTH_SECONDS = 5.0  # how often the watchdog asks whether the Ray cluster is still there
+HEALTH_TIMEOUT_S = 15.0  # a GCS that does not answer this long fails a probe (Ray itself aborts the driver at 60 s)
+EXIT_GRACE_S = 10.0  # time the driver's loop gets to stop by itself once the cluster is gone
 PROGRESS_SECONDS = 0.5  # how often busy workers are asked how far they are in their shard
 # Shards queued on one actor at a time. With one, generation stopped at every shard boundary for the commit
 # and a driver round trip (~10% of a 3 s tiny-model shard); with two, the actor starts the next shard as
 # soon as the previous one releases the pipeline (worker.py), while that one still commits.
 SHARDS_IN_FLIGHT = 2
 ACTOR_PREFIX = "dreamshard-worker-"
+MAX_SHARDS = 10_000_000  # a plan past this is a typo (1e15 samples), and its shard list alone would not fit in memory
 VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "ray", "pyarrow", "pillow", "webdataset")
 
 
@@ -95,30 +103,51 @@ def generate(
     """Generate (or resume, or extend) the dataset `config` describes into `out` (default
     `config.output.path`). Bad input raises UserError before any worker starts; shards that still fail
     after their retries are listed in the summary's `failed_shards` (and no manifest is written)."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     config = _resolved(config, out, num_samples)
+    shards = -(-config.run.num_samples // config.output.samples_per_shard)
+    if shards > MAX_SHARDS:
+        raise UserError(
+            f"num_samples {config.run.num_samples} makes {shards} shards of {config.output.samples_per_shard}; at most {MAX_SHARDS:,} "
+            "(raise output.samples_per_shard or lower num_samples)"
+        )
     plan = build_plan(config.prompts, config.sampling, config.run.seed)
     conditioner = conditioner_for(config)  # img2img / controlnet_seg: the source is pre-scanned here
-    base_model, _ = resolve_model_path(config.model)
-    model_info = {"id": config.model.path, "hash": model_fingerprint(base_model)}
-    fingerprints = dataset_fingerprints(config, plan, model_info, conditioner)
-    store = _choose_output(config.output.path, fingerprints, force_new)
+    model_info = model_identity(config.model)
+    parts = fingerprint_parts(config, plan, model_info, conditioner)
+    fingerprints = {name: value if isinstance(value, str) else _digest(value) for name, value in parts.items()}
+    store = _choose_output(config.output.path, fingerprints, force_new, parts)
     if store.url != config.output.path:
         log.warning("writing to %s (a new directory, --force-new)", store.url)
         config.output.path = store.url
     counts = shard_counts(config.run.num_samples, config.output.samples_per_shard)
-    done = _prepare_output(store, config, plan, counts, fingerprints, model_info)
-    todo = [shard for shard in range(len(counts)) if shard not in done]
+    with OutputLease(store) as lease:  # one driver per output, from before anything is cleaned up
+        done = _prepare_output(store, config, plan, counts, fingerprints, model_info, parts)
+        todo = [shard for shard in range(len(counts)) if shard not in done]
+        driver = None
+        if todo:
+            with ray_session(address):
+                driver = _Driver(config, store, plan, counts, todo, model_info, started, conditioner)
+                driver.lease = lease
+                skipped = sum(counts[k] for k in done)
+                try:
+                    with _progress_display(show_progress, config.run.num_samples, skipped, len(counts), len(done)) as progress:
+                        driver.run(progress)
+                finally:
+                    append_stats(store, run_stats(driver, started_at, len(done)))
+            clean_partials(store)  # what dead workers left; every worker of this run is gone now
+        summary = _summary(config, store, counts, done, driver, started)
+        if summary.ok:
+            try:
+                consolidate(store, counts)
+            except UnreadableIndex as exc:
+                raise RunFailure(f"{store.url}: {exc}; shard {exc.shard} was un-committed, re-run the same command to regenerate it") from None
+    return summary
 
-    driver = None
-    if todo:
-        with ray_session(address):
-            driver = _Driver(config, store, plan, counts, todo, model_info, started, conditioner)
-            with _progress_display(show_progress, config.run.num_samples, sum(counts[k] for k in done)) as progress:
-                driver.run(progress)
-        clean_partials(store)  # what dead workers left; every worker of this run is gone now
+
+def _summary(config: GenerateConfig, store: Store, counts: list[int], done: set[int], driver, started: float) -> RunSummary:
     committed = committed_shards(store, config.output.samples_per_shard)
-    summary = RunSummary(
+    return RunSummary(
         out=store.url,
         samples=config.run.num_samples,
         shards=len(counts),
@@ -134,25 +163,126 @@ def generate(
         failed_workers=driver.failed_workers if driver else 0,
         failed_shards=dict(driver.failed) if driver else {},
     )
-    if summary.ok:
-        consolidate(store, counts)
-    return summary
 
 
-def dataset_fingerprints(config: GenerateConfig, plan: Plan, model_info: dict, conditioner=None) -> dict[str, str]:
+# ------------------------------------------------------------------------------------------ run stats
+
+
+def run_stats(driver: _Driver, started_at: float, shards_skipped: int) -> dict:
+    """One `generate` call, as appended to OUT/stats.jsonl (docs/format.md)."""
+    end = driver.ended or time.perf_counter()
+    workers = []
+    for worker in driver.finished_workers:
+        alive = end - worker.ready_at if worker.ready_at else 0.0
+        workers.append({
+            "name": worker.name, "host": worker.info.get("host"), "gpus": worker.info.get("gpus", []),
+            "load_seconds": worker.info.get("load_seconds"), "shards": worker.shards_committed, "images": worker.images_committed,
+            "images_per_s": round(worker.images_committed / alive, 3) if alive > 0 else 0.0,
+        })  # fmt: skip
+    return {
+        "start": _iso(started_at), "end": _iso(time.time()), "host": platform.node(), "dreamshard": __version__,
+        "num_samples": driver.config.run.num_samples, "shards_skipped": shards_skipped, "shards_made": len(driver.committed),
+        "images_made": driver.images_committed, "shards_failed": {str(k): v for k, v in driver.failed.items()},
+        "steady_images_per_s": round(driver.steady_images_per_s, 3), "retries": driver.retries,
+        "failed_workers": driver.failed_workers, "worker_errors": driver.worker_errors, "workers": workers,
+    }  # fmt: skip
+
+
+def append_stats(store: Store, record: dict) -> None:
+    """Append one line to OUT/stats.jsonl (rewritten whole: object stores cannot append)."""
+    try:
+        old = store.read_bytes(STATS) if store.exists(STATS) else b""
+        store.write_bytes(STATS, old + (json.dumps(record) + "\n").encode())
+    except OSError as exc:  # the statistics must never fail a run that produced its shards
+        log.warning("could not write %s/%s (%s)", store.url, STATS, exc)
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(seconds))
+
+
+def cluster_problem(ray) -> str | None:
+    """None while the cluster answers and has a live node; else what is wrong. The query runs in a thread:
+    a GCS that is gone can make it block."""
+    result: list = []
+
+    def ask() -> None:
+        try:
+            result.append(sum(1 for node in ray.nodes() if node.get("Alive")))
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the GCS means the same
+            result.append(exc)
+
+    thread = threading.Thread(target=ask, daemon=True, name="ray-health")
+    thread.start()
+    thread.join(HEALTH_TIMEOUT_S)
+    if not result:
+        return f"its GCS did not answer for {HEALTH_TIMEOUT_S:.0f} s"
+    if isinstance(result[0], Exception):
+        return f"its GCS is unreachable: {one_line(result[0], limit=160)}"
+    return None if result[0] else "no node is alive"
+
+
+class ClusterWatchdog(threading.Thread):
+    """Asks the GCS every HEALTH_SECONDS whether the cluster is there. When it is gone, the driver's loop
+    stops with one line; but a Ray call of the loop (killing or creating an actor) can block on the missing
+    GCS, so if the loop has not stopped EXIT_GRACE_S later, the watchdog prints that line itself and ends
+    the process (exit 1). Committed shards are safe either way (markers are written last); the lease of a
+    dead driver is taken over by the next run."""
+
+    hard_exit = False  # set by the CLI: a library caller (tests, notebooks) gets the RunFailure, never an exit
+    probes = 2  # failed probes in a row before the cluster counts as gone (a slow GCS is not a lost one)
+
+    def __init__(self, ray, left: Callable[[], str]) -> None:
+        super().__init__(daemon=True, name="cluster-watchdog")
+        self.ray, self.left, self.problem, self._stop = ray, left, None, threading.Event()
+
+    def message(self) -> str:
+        return f"the Ray cluster is gone ({self.problem}); {self.left()} left: re-run the same command to resume"
+
+    def stop_unless_gone(self) -> None:
+        """The loop is done. With the cluster gone, keep the exit deadline: Ray's shutdown may block too."""
+        if not self.problem:
+            self._stop.set()
+
+    def run(self) -> None:
+        failures = 0
+        while not self._stop.wait(HEALTH_SECONDS):
+            problem = cluster_problem(self.ray)
+            failures = failures + 1 if problem else 0
+            if failures >= self.probes:
+                self.problem = problem
+                break
+        if self.problem and self.hard_exit and not self._stop.wait(EXIT_GRACE_S):
+            console.print(Text.assemble(("error: ", "bold red"), self.message()), highlight=False, soft_wrap=True)
+            os._exit(1)
+
+
+def death_reason(exc: Exception) -> str:
+    """Why a worker died, from Ray's error text: its exit detail (OOM, SIGKILL, node gone) when given."""
+    text = str(exc)
+    for marker in ("exit detail:", "Exit detail:", "The actor died because", "The actor is dead because"):
+        if marker in text:
+            return text[text.index(marker) :].splitlines()[0][:300]
+    return one_line(exc, limit=300)
+
+
+def fingerprint_parts(config: GenerateConfig, plan: Plan, model_info: dict, conditioner=None) -> dict:
     """What must match for new shards to belong with the ones already written: the plan (prompts, sampling,
-    seed), the model and how it is run, and the shard layout. Not num_samples, workers, batch or output."""
+    seed), the weights by content (base, LoRA, ControlNet, hub commit) and how they are run, and the shard
+    layout. Not num_samples, workers, batch, output or where the weights lie. Dict-valued parts are digested
+    into the fingerprint and kept as they are in the run record, so a refusal can name what changed."""
     model = config.model
     parts = {
         "plan": plan.fingerprint,
-        "model": {"hash": model_info["hash"], "scheduler": model.scheduler, "dtype": model.dtype, "lora": model.lora,
-                  "lora_scale": model.lora_scale, "controlnet": model.controlnet, "mode": config.mode},
+        "model": {"hash": model_info["hash"], "revision": model_info["revision"], "lora": model_info["lora"],
+                  "controlnet": model_info["controlnet"], "scheduler": model.scheduler, "dtype": model.dtype,
+                  "lora_scale": model.lora_scale, "mode": config.mode},
         "layout": {"samples_per_shard": config.output.samples_per_shard, "image_format": config.output.image_format,
                    "quality": config.output.quality},
     }  # fmt: skip
     if conditioner is not None:  # img2img / controlnet_seg: which source items, and how they condition samples
         parts["source"] = conditioner.fingerprint
-    return {name: value if isinstance(value, str) else _digest(value) for name, value in parts.items()}
+    return parts
 
 
 # -------------------------------------------------------------------------------------- output directory
@@ -167,10 +297,10 @@ def _resolved(config: GenerateConfig, out: str | None, num_samples: int | None) 
     return config
 
 
-def _choose_output(path: str, fingerprints: dict[str, str], force_new: bool) -> Store:
+def _choose_output(path: str, fingerprints: dict[str, str], force_new: bool, parts: dict | None = None) -> Store:
     """`path` if it is new, empty or holds this same dataset; with force_new, the first sibling `path-2`,
     `path-3`, ... that is. Refuses to mix datasets."""
-    differs = _differing(Store(path), fingerprints)
+    differs = _differing(Store(path), fingerprints, parts)
     if not differs:
         return Store(path)
     if not force_new:
@@ -180,26 +310,39 @@ def _choose_output(path: str, fingerprints: dict[str, str], force_new: bool) -> 
         )
     for number in range(2, 1000):
         candidate = f"{path.rstrip('/')}-{number}"
-        if not _differing(Store(candidate), fingerprints):
+        if not _differing(Store(candidate), fingerprints, parts):
             return Store(candidate)
     raise UserError(f"no free sibling directory for {path}; choose another --out")
 
 
-def _differing(store: Store, fingerprints: dict[str, str]) -> list[str]:
-    """Parts of the fingerprint that differ from the run record in `store` ([] if new or the same)."""
+def _differing(store: Store, fingerprints: dict[str, str], parts: dict | None = None) -> list[str]:
+    """Parts of the fingerprint that differ from the run record in `store` ([] if new or the same), naming
+    the changed keys where the record keeps the parts (e.g. `model (lora: 3f2a... then, 9c1b... now)`)."""
     try:
         record = read_run_record(store)
         if record is None:
-            if store.fs.isfile(store.root) or store.list(""):
+            if store.fs.isfile(store.root) or set(store.list("")) - {LEASE}:  # a lease alone: a driver is starting there
                 return ["content (it is not a dreamshard run directory)"]
             return []
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read the output {store.url}: {exc}; choose another --out") from None
-    stored = record.get("fingerprints", {})
-    return [f"{name} (fingerprint {stored.get(name)} vs {value})" for name, value in fingerprints.items() if stored.get(name) != value]
+    stored, stored_parts = record.get("fingerprints", {}), record.get("fingerprint_parts", {})
+    differs = []
+    for name, value in fingerprints.items():
+        if stored.get(name) == value:
+            continue
+        old, new = stored_parts.get(name), (parts or {}).get(name)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed = [f"{key}: {old.get(key)} then, {new.get(key)} now" for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+            differs.append(f"{name} ({'; '.join(changed)})")
+        else:
+            differs.append(f"{name} (fingerprint {stored.get(name)} vs {value})")
+    return differs
 
 
-def _prepare_output(store: Store, config: GenerateConfig, plan: Plan, counts: list[int], fingerprints: dict, model_info: dict) -> set[int]:
+def _prepare_output(
+    store: Store, config: GenerateConfig, plan: Plan, counts: list[int], fingerprints: dict, model_info: dict, parts: dict | None = None
+) -> set[int]:
     """Check what is committed, refuse to shrink, clear leftovers, write the run record; returns the
     shards that are complete already."""
     committed = committed_shards(store, config.output.samples_per_shard)
@@ -220,7 +363,7 @@ def _prepare_output(store: Store, config: GenerateConfig, plan: Plan, counts: li
         if len(done) < len(counts):
             remove_consolidated(store)
         previous = read_run_record(store) or {}
-        write_run_record(store, _run_record(config, plan, counts, fingerprints, model_info, previous))
+        write_run_record(store, _run_record(config, plan, counts, fingerprints, model_info, previous, parts or {}))
     except OSError as exc:
         raise UserError(f"cannot write to {store.url} ({exc.strerror or exc}); choose a writable output path with --out") from None
     return done
@@ -236,7 +379,7 @@ def _remove_uncommitted(store: Store, done: set[int]) -> None:
                 store.remove(f"{folder}/{name}")
 
 
-def _run_record(config, plan, counts, fingerprints, model_info, previous: dict) -> dict:
+def _run_record(config, plan, counts, fingerprints, model_info, previous: dict, parts: dict) -> dict:
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return {
         "format_version": FORMAT_VERSION,
@@ -245,6 +388,7 @@ def _run_record(config, plan, counts, fingerprints, model_info, previous: dict) 
         "updated": now,
         "fingerprint": _digest(fingerprints),
         "fingerprints": fingerprints,
+        "fingerprint_parts": parts,
         "num_samples": config.run.num_samples,
         "samples_per_shard": config.output.samples_per_shard,
         "num_shards": len(counts),
@@ -285,6 +429,10 @@ class _Worker:
     progress_asked: float = 0.0
     progress: tuple[int, int] = (-1, 0)  # (shard it is generating, images generated in it) as last reported
     timed_out: bool = False
+    info: dict = field(default_factory=dict)  # from ready(): host, GPUs, model load seconds
+    ready_at: float | None = None
+    images_committed: int = 0
+    shards_committed: int = 0
 
     @property
     def images(self) -> int:
@@ -303,6 +451,7 @@ class _Driver:
         self.ray, self.config, self.store, self.plan, self.counts = ray, config, store, plan, counts
         self.model_info, self.started, self.conditioner = model_info, started, conditioner
         self.queue: deque[int] = deque(todo)
+        self.todo_count = len(todo)
         self.attempts: dict[int, int] = {}
         self.failed: dict[int, str] = {}
         self.committed: dict[int, dict] = {}
@@ -313,6 +462,12 @@ class _Driver:
         self.all_ready: tuple[float, int] | None = None  # (when, images so far) once the first wave is up
         self.steady_images_per_s = 0.0
         self.workers: list[_Worker] = []
+        self.finished_workers: list[_Worker] = []  # lost ones, and all of them once the run ends (stats)
+        self.worker_errors: list[dict] = []
+        self.lease = None  # OutputLease, renewed from the loop
+        self.no_worker_since: float | None = None
+        self.watchdog: ClusterWatchdog | None = None
+        self.ended: float | None = None
         self._names, self._run_id = 0, uuid.uuid4().hex[:8]
         self._options, self._threads, self._size = self._actor_options(len(todo))
         self.restarts_left = self._size * (config.run.max_shard_retries + 1)
@@ -320,6 +475,8 @@ class _Driver:
             self._start_worker()
 
     def run(self, progress: _ProgressReport) -> None:
+        self.watchdog = ClusterWatchdog(self.ray, lambda: f"{self.todo_count - len(self.committed)} shard(s)")
+        self.watchdog.start()
         try:
             while self.queue or any(worker.tasks for worker in self.workers):
                 self._dispatch()
@@ -328,16 +485,23 @@ class _Driver:
                     break
                 self._wait_and_handle()
                 self._check_timeouts()
+                self._check_workers_and_cluster()
                 self._poll_progress()
                 progress.update(self)
+                if self.lease is not None:
+                    self.lease.renew()
         finally:
             now = time.perf_counter()
             if self.generation_started is not None:
                 self.generation_seconds = now - self.generation_started
             if self.all_ready is not None and now > self.all_ready[0]:
                 self.steady_images_per_s = (self.images_committed - self.all_ready[1]) / (now - self.all_ready[0])
-            for worker in self.workers:
-                self.ray.kill(worker.actor, no_restart=True)
+            self.watchdog.stop_unless_gone()
+            if not self.watchdog.problem:  # with the cluster gone, killing actors would block on the GCS
+                for worker in self.workers:
+                    self.ray.kill(worker.actor, no_restart=True)
+            self.finished_workers += self.workers
+            self.ended = now
             self.workers.clear()
 
     @property
@@ -383,6 +547,8 @@ class _Driver:
         """A worker died: count it, re-queue each of its in-flight shards once (keeping one it committed just
         before dying), start a replacement if there is work left."""
         self.failed_workers += 1
+        self.worker_errors.append({"worker": worker.name, "host": worker.info.get("host"), "error": reason})
+        self.finished_workers.append(worker)
         self.workers.remove(worker)
         self.ray.kill(worker.actor, no_restart=True)
         log.warning("worker %s died (%s)", worker.name, reason)
@@ -392,7 +558,7 @@ class _Driver:
             if marker is None:
                 self._shard_failed(shard, f"worker died: {reason}")
             else:
-                self._accept(shard, marker)
+                self._accept(shard, marker, worker)
         if self.queue:
             self._replace()
 
@@ -457,25 +623,38 @@ class _Driver:
                 self._on_started(worker, ref)
             elif ref in worker.tasks:  # not if the worker was lost meanwhile (_lose handled it)
                 self._on_finished(worker, ref)
-        if self.generation_started is None and time.perf_counter() - self.started > self.config.run.worker_start_timeout_s:
-            raise UserError(
-                f"no worker started within {self.config.run.worker_start_timeout_s:.0f} s; the cluster may lack "
-                f"the resources asked for ({self._options}); check `ray status`"
+
+    def _check_workers_and_cluster(self) -> None:
+        """Bounded waiting: stop with one line when no worker has been ready for worker_start_timeout_s, or the
+        Ray cluster itself is gone (its GCS does not answer, or no node is alive)."""
+        now = time.perf_counter()
+        if any(worker.start_ref is None for worker in self.workers):
+            self.no_worker_since = None
+        elif self.no_worker_since is None:
+            self.no_worker_since = now
+        limit = self.config.run.worker_start_timeout_s
+        left = len(self.queue) + sum(len(w.tasks) for w in self.workers)
+        if limit and self.no_worker_since is not None and now - self.no_worker_since > limit:
+            raise RunFailure(
+                f"no worker could be started for {limit:.0f} s (the cluster may lack the resources asked for: {self._options}; "
+                f"check `ray status`); {left} shard(s) left: re-run the same command to resume"
             )
+        if self.watchdog is not None and self.watchdog.problem:
+            raise RunFailure(self.watchdog.message())
 
     def _on_started(self, worker: _Worker, ref) -> None:
         from ray.exceptions import RayActorError
 
         try:
-            self.ray.get(ref)
+            worker.info = self.ray.get(ref)
         except RayActorError as exc:
-            self._lose(worker, one_line(exc))
+            self._lose(worker, death_reason(exc))
             return
         except UserError as exc:
-            raise UserError(str(getattr(exc, "cause", exc))) from None
+            raise _as_user_error(exc) from None
         except Exception as exc:  # the pipeline failed to load: the same will happen on every worker
             raise UserError(f"worker could not load the model: {one_line(getattr(exc, 'cause', exc))}") from None
-        worker.start_ref = None
+        worker.start_ref, worker.ready_at = None, time.perf_counter()
         if self.generation_started is None:
             self.generation_started = time.perf_counter()
         if self.all_ready is None and self._names >= self._size and all(w.start_ref is None for w in self.workers):
@@ -487,14 +666,16 @@ class _Driver:
         try:
             marker = self.ray.get(ref)
         except RayActorError as exc:
-            self._lose(worker, "timed out" if worker.timed_out else one_line(exc))
+            self._lose(
+                worker, f"timed out after run.shard_timeout_s={self.config.run.shard_timeout_s:g} s on one shard" if worker.timed_out else death_reason(exc)
+            )
             return
         except UserError as exc:  # full disk, unwritable output: stop, the user must act
-            raise UserError(str(getattr(exc, "cause", exc))) from None
+            raise _as_user_error(exc) from None
         except Exception as exc:
             self._shard_failed(self._take_finished(worker, ref), one_line(getattr(exc, "cause", exc)))
             return
-        self._accept(self._take_finished(worker, ref), marker)
+        self._accept(self._take_finished(worker, ref), marker, worker)
 
     @staticmethod
     def _take_finished(worker: _Worker, ref) -> int:
@@ -502,12 +683,14 @@ class _Driver:
         worker.busy_since = time.perf_counter()
         return worker.tasks.pop(ref)
 
-    def _accept(self, shard: int, marker: dict) -> None:
+    def _accept(self, shard: int, marker: dict, worker: _Worker) -> None:
         if marker["count"] != self.counts[shard]:
             self._shard_failed(shard, f"committed {marker['count']} samples, expected {self.counts[shard]}")
             return
         self.committed[shard] = marker
         self.images_committed += marker["count"]
+        worker.images_committed += marker["count"]
+        worker.shards_committed += 1
         self._saw_image()
 
     def _check_timeouts(self) -> None:
@@ -540,35 +723,31 @@ class _Driver:
             self.first_image_seconds = time.perf_counter() - self.started
 
 
+def _as_user_error(exc: Exception) -> UserError:
+    """A worker's UserError (or RunFailure), unwrapped from Ray's task error, its exit code kept."""
+    cause = getattr(exc, "cause", exc)
+    return type(cause)(str(cause)) if isinstance(cause, UserError) else UserError(str(cause))
+
+
 # --------------------------------------------------------------------------------------------- progress
 
 
 class _ProgressReport:
-    """Rich progress: images done/total, images/s, ETA, shards, retries, failed workers."""
+    """Images done/total, rate, ETA, and shards done/total, retries, failed workers (logs.StageProgress: a bar
+    on a terminal, plain lines in a log)."""
 
-    def __init__(self, progress: Progress | None, total: int, skipped: int) -> None:
-        self.progress, self.skipped = progress, skipped
-        self.task = progress.add_task("generate", total=total, completed=skipped, rate="", shards="", retries=0, failed=0) if progress else None
+    def __init__(self, progress: StageProgress, skipped: int, shards_total: int, shards_skipped: int) -> None:
+        self.progress, self.skipped, self.shards_total, self.shards_skipped = progress, skipped, shards_total, shards_skipped
 
     def update(self, driver: _Driver) -> None:
-        if self.progress is None:
-            return
         images = driver.images_committed + driver.images_in_flight
-        elapsed = time.perf_counter() - driver.generation_started if driver.generation_started else 0.0
-        rate = f"{images / elapsed:.1f} img/s" if elapsed > 0 else "starting workers"
-        shards = f"{len(driver.committed)}/{len(driver.committed) + len(driver.queue) + len(driver.failed) + sum(len(w.tasks) for w in driver.workers)} shards"
-        self.progress.update(self.task, completed=self.skipped + images, rate=rate, shards=shards,
-                             retries=driver.retries, failed=driver.failed_workers)  # fmt: skip
+        shards = f"shards {self.shards_skipped + len(driver.committed)}/{self.shards_total}"
+        if driver.generation_started is None:
+            shards += ", starting workers"
+        self.progress.update(self.skipped + images, f"{shards}, {driver.retries} retries, {driver.failed_workers} failed workers")
 
 
 @contextmanager
-def _progress_display(show: bool, total: int, skipped: int) -> Iterator[_ProgressReport]:
-    if not show:
-        yield _ProgressReport(None, total, skipped)
-        return
-    columns = (
-        TextColumn("[bold]generate"), BarColumn(bar_width=20), MofNCompleteColumn(), TextColumn("images · {task.fields[rate]} · ETA"),
-        TimeRemainingColumn(), TextColumn("· {task.fields[shards]} · {task.fields[retries]} retries · {task.fields[failed]} failed workers"),
-    )  # fmt: skip
-    with Progress(*columns, console=console, transient=False) as progress:
-        yield _ProgressReport(progress, total, skipped)
+def _progress_display(show: bool, total: int, skipped: int, shards_total: int, shards_skipped: int) -> Iterator[_ProgressReport]:
+    with StageProgress("generate", total, "images", completed=skipped, enabled=show) as progress:
+        yield _ProgressReport(progress, skipped, shards_total, shards_skipped)

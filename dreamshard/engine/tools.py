@@ -12,26 +12,28 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 from rich.table import Table
 
-from dreamshard.errors import UserError
-from dreamshard.format.layout import MANIFEST, PARTIAL, SIZES, sample_key, shard_counts, shard_marker, shard_parquet, shard_tar
-from dreamshard.format.reader import committed_shards, manifest_rows, read_manifest, read_run_record, read_shard
+from dreamshard.errors import UserError, one_line
+from dreamshard.format.layout import MANIFEST, PARTIAL, SIZES, STATS, sample_key, shard_counts, shard_marker, shard_parquet, shard_tar
+from dreamshard.format.reader import BadRunRecord, checked_run_record, committed_rows, committed_shards, manifest_rows, read_shard
 from dreamshard.format.record import JSON_FIELDS, json_fields
 from dreamshard.format.store import Store
+from dreamshard.logs import StageProgress
 
 
 def _open_run(out: str | Path) -> tuple[Store, dict]:
+    """The run directory and its checked record; a problem is one UserError line."""
     store = Store(out)
     try:
-        record = read_run_record(store)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {out}/dreamshard.json: {exc}") from None
-    if record is None:
-        raise UserError(f"{out} is not a dreamshard run directory (no dreamshard.json); pass the output of `dreamshard generate`")
-    return store, record
+        return store, checked_run_record(store)
+    except FileNotFoundError:
+        raise UserError(f"{out} is not a dreamshard run directory (no dreamshard.json); pass the output of `dreamshard generate`") from None
+    except BadRunRecord as exc:
+        raise UserError(f"{exc}; it was changed by hand or damaged: re-run `dreamshard generate` with the run's config to rewrite it") from None
 
 
 # ------------------------------------------------------------------------------------------- inspect
@@ -48,12 +50,16 @@ class DatasetInfo:
     image_format: str
     model: dict
     counts: dict[str, Counter] = field(default_factory=dict)  # "class", "template", "style: <axis>" -> counts
+    runs: list[dict] = field(default_factory=list)  # OUT/stats.jsonl: one record per generate call
 
 
 def inspect_dataset(out: str | Path) -> DatasetInfo:
     store, record = _open_run(out)
     committed = committed_shards(store, record["samples_per_shard"])
-    rows = manifest_rows(read_manifest(out))
+    try:
+        rows = manifest_rows(committed_rows(store, committed))
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise UserError(f"{out}: an index file of a committed shard is unreadable ({one_line(exc)}); run `dreamshard verify {out}`") from None
     counts: dict[str, Counter] = {"class": Counter(), "template": Counter()}
     for row in rows:
         counts["class"][row["class_name"] or "(none)"] += 1
@@ -70,7 +76,25 @@ def inspect_dataset(out: str | Path) -> DatasetInfo:
         image_format=record["image_format"],
         model=record.get("model", {}),
         counts=counts,
+        runs=read_stats(store),
     )
+
+
+def read_stats(store: Store) -> list[dict]:
+    """The records of OUT/stats.jsonl; a damaged line is skipped (the statistics never block a tool)."""
+    try:
+        text = store.read_bytes(STATS).decode() if store.exists(STATS) else ""
+    except OSError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def inspect_tables(info: DatasetInfo) -> list[Table]:
@@ -82,6 +106,17 @@ def inspect_tables(info: DatasetInfo) -> list[Table]:
     overview.add_row("image format", info.image_format)
     overview.add_row("model", f"{info.model.get('id', '?')} (hash {info.model.get('hash', '?')})")
     tables = [overview]
+    if info.runs:
+        runs = Table(title="generate calls (stats.jsonl)")
+        for column in ("start", "end", "host", "workers", "shards made", "images made", "steady img/s", "retries", "failed workers"):
+            runs.add_column(column, justify="right" if column not in ("start", "end", "host") else "left")
+        for run in info.runs:
+            runs.add_row(
+                str(run.get("start", "?")), str(run.get("end", "?")), str(run.get("host", "?")), str(len(run.get("workers", []))),
+                str(run.get("shards_made", "?")), str(run.get("images_made", "?")), f"{run.get('steady_images_per_s', 0):.2f}",
+                str(run.get("retries", "?")), str(run.get("failed_workers", "?")),
+            )  # fmt: skip
+        tables.append(runs)
     total = max(info.samples, 1)
     for name, counter in info.counts.items():
         table = Table(title=name)
@@ -100,39 +135,57 @@ def inspect_tables(info: DatasetInfo) -> list[Table]:
 def verify_dataset(out: str | Path, decode_images: bool = True) -> list[str]:
     """Every problem found (empty: the run directory is complete and consistent): every planned shard
     committed and readable, counts equal to markers and manifest, keys unique and contiguous, the same
-    fields in every sample, json equal to the manifest row, sizes.json right, no stray files."""
-    store, record = _open_run(out)
+    fields in every sample, json equal to the manifest row, sizes.json right, no stray files. A damaged
+    run record is reported as a problem too (nothing else can be checked without it)."""
+    store = Store(out)
+    try:
+        record = checked_run_record(store)
+    except FileNotFoundError:
+        raise UserError(f"{out} is not a dreamshard run directory (no dreamshard.json); pass the output of `dreamshard generate`") from None
+    except BadRunRecord as exc:
+        return [f"{exc}; nothing else can be checked without it: re-run `dreamshard generate` with the run's config to rewrite it"]
     size, image_format = record["samples_per_shard"], record["image_format"]
     counts = shard_counts(record["num_samples"], size)
     committed = committed_shards(store, size)
     problems: list[str] = []
-    expected_fields: set[str] | None = None
+    fields_seen: list[set[str]] = []  # the first sample's fields: every sample must have the same
     tar_rows: dict[str, dict] = {}
-    for shard, count in enumerate(counts):
-        if shard not in committed:
-            problems.append(f"shard {shard}: not committed (no valid {shard_marker(shard)})")
-            continue
-        marker = committed[shard]
-        if marker["count"] != count:
-            problems.append(f"shard {shard}: marker counts {marker['count']} samples, the plan {count}")
-        found = _verify_shard(store, shard, marker, image_format, decode_images, problems)
-        keys = [key for key, _ in found]
-        expected_keys = [sample_key(index) for index in range(shard * size, shard * size + count)]
-        if keys != expected_keys:
-            problems.append(f"shard {shard}: keys are not {expected_keys[0]}..{expected_keys[-1]} in order ({len(keys)} samples)")
-        for key, fields in found:
-            expected_fields = expected_fields or set(fields)
-            if set(fields) != expected_fields:
-                problems.append(f"sample {key}: fields {sorted(fields)} differ from {sorted(expected_fields)}")
-            if key in tar_rows:
-                problems.append(f"sample {key}: duplicate key")
-            tar_rows[key] = fields.get("json", {})
-        parquet_keys = pq.read_table(store.open(shard_parquet(shard)), columns=["key"]).column("key").to_pylist()
-        if parquet_keys != keys:
-            problems.append(f"shard {shard}: {shard_parquet(shard)} lists other keys than the tar")
+    with StageProgress("verify", len(counts), "shards") as progress:
+        for shard, count in enumerate(counts):
+            if shard in committed:
+                _verify_committed(store, shard, committed[shard], count, size, image_format, decode_images, problems, tar_rows, fields_seen)
+            else:
+                problems.append(f"shard {shard}: not committed (no valid {shard_marker(shard)})")
+            progress.update(shard + 1, f"{len(problems)} problem(s) so far")
     problems += _verify_consolidated(store, counts, tar_rows, complete=len(committed) >= len(counts))
     problems += _stray_files(store, len(counts), committed)
     return problems
+
+
+def _verify_committed(store, shard, marker, count, size, image_format, decode_images, problems, tar_rows, fields_seen) -> None:
+    """One committed shard against its marker, the plan and its index file (appends problems, json rows)."""
+    if marker["count"] != count:
+        problems.append(f"shard {shard}: marker counts {marker['count']} samples, the plan {count}")
+    found = _verify_shard(store, shard, marker, image_format, decode_images, problems)
+    keys = [key for key, _ in found]
+    expected_keys = [sample_key(index) for index in range(shard * size, shard * size + count)]
+    if keys != expected_keys:
+        problems.append(f"shard {shard}: keys are not {expected_keys[0]}..{expected_keys[-1]} in order ({len(keys)} samples)")
+    for key, fields in found:
+        if not fields_seen:
+            fields_seen.append(set(fields))
+        if set(fields) != fields_seen[0]:
+            problems.append(f"sample {key}: fields {sorted(fields)} differ from {sorted(fields_seen[0])}")
+        if key in tar_rows:
+            problems.append(f"sample {key}: duplicate key")
+        tar_rows[key] = fields.get("json", {})
+    try:
+        parquet_keys = pq.read_table(store.open(shard_parquet(shard)), columns=["key"]).column("key").to_pylist()
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        problems.append(f"shard {shard}: {shard_parquet(shard)} unreadable ({one_line(exc, limit=120)}); delete its marker and re-run generate")
+        return
+    if parquet_keys != keys:
+        problems.append(f"shard {shard}: {shard_parquet(shard)} lists other keys than the tar")
 
 
 def _verify_shard(store, shard, marker, image_format, decode_images, problems) -> list[tuple[str, dict]]:
@@ -146,7 +199,7 @@ def _verify_shard(store, shard, marker, image_format, decode_images, problems) -
             fields: dict = dict.fromkeys(raw)
             meta = json.loads(raw["json"]) if "json" in raw else {}
             fields["json"] = meta
-            if tuple(meta) != JSON_FIELDS:
+            if not isinstance(meta, dict) or tuple(meta) != JSON_FIELDS:
                 problems.append(f"sample {key}: json fields {list(meta)} are not the contract's {list(JSON_FIELDS)}")
             elif (meta["key"], meta["shard"]) != (key, shard) or sample_key(meta["index"]) != key:
                 problems.append(f"sample {key}: json key/index/shard ({meta['key']}, {meta['index']}, {meta['shard']}) disagree with its place")
@@ -155,20 +208,37 @@ def _verify_shard(store, shard, marker, image_format, decode_images, problems) -
             if image_format not in raw:
                 problems.append(f"sample {key}: no {image_format} image")
             elif decode_images:
-                Image.open(io.BytesIO(raw[image_format])).load()
+                try:
+                    Image.open(io.BytesIO(raw[image_format])).load()
+                except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                    problems.append(f"sample {key}: image does not decode ({one_line(exc, limit=120)})")
+                else:
+                    _check_not_blank(key, raw[image_format], problems)
             found.append((key, fields))
-    except (OSError, tarfile.TarError, ValueError, KeyError) as exc:
-        problems.append(f"shard {shard}: unreadable ({type(exc).__name__}: {exc})")
+    except (OSError, tarfile.TarError, ValueError, KeyError, TypeError) as exc:
+        problems.append(f"shard {shard}: unreadable ({type(exc).__name__}: {one_line(exc, limit=160)})")
     return found
+
+
+def _check_not_blank(key: str, data: bytes, problems: list[str]) -> None:
+    """A flat image (every pixel one value, e.g. the black frames of a diverged or censored generation)."""
+    image = Image.open(io.BytesIO(data)).convert("L")
+    low, high = image.getextrema()
+    if high - low <= 2:
+        problems.append(f"sample {key}: the image is blank (every pixel {low}..{high}); check sampling.guidance_scale and the safety checker")
 
 
 def _verify_consolidated(store: Store, counts: list[int], tar_rows: dict[str, dict], complete: bool) -> list[str]:
     if not complete:
         return []
-    problems = []
+    problems: list[str] = []
     if not store.exists(MANIFEST):
         return [f"{MANIFEST} missing (re-run `dreamshard generate` with the same config to write it)"]
-    rows = manifest_rows(pq.read_table(store.open(MANIFEST)))
+    try:
+        rows = manifest_rows(pq.read_table(store.open(MANIFEST)))
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        rows = []
+        problems.append(f"{MANIFEST} unreadable ({one_line(exc, limit=120)}); delete it and re-run `dreamshard generate` with the same config")
     keys = [row["key"] for row in rows]
     if keys != [sample_key(index) for index in range(sum(counts))]:
         problems.append(f"{MANIFEST}: keys are not unique and contiguous 0..{sum(counts) - 1} ({len(keys)} rows)")
@@ -176,8 +246,12 @@ def _verify_consolidated(store: Store, counts: list[int], tar_rows: dict[str, di
     if mismatched:
         problems.append(f"{MANIFEST}: {len(mismatched)} row(s) differ from the tar json, e.g. {mismatched[0]}")
     expected_sizes = {Path(shard_tar(shard)).name: count for shard, count in enumerate(counts)}
-    if not store.exists(SIZES) or store.read_json(SIZES) != expected_sizes:
-        problems.append(f"{SIZES} missing or not equal to the shard counts")
+    try:
+        sizes = store.read_json(SIZES) if store.exists(SIZES) else None
+    except (OSError, ValueError):
+        sizes = "unreadable"
+    if sizes != expected_sizes:
+        problems.append(f"{SIZES} missing, unreadable or not equal to the shard counts")
     return problems
 
 
@@ -201,8 +275,13 @@ def preview_grid(out: str | Path, count: int = 64, output: str | Path = "grid.pn
     samples = []
     for shard in sorted(committed_shards(store, record["samples_per_shard"])):
         for key, raw in read_shard(store, shard):
-            image = Image.open(io.BytesIO(raw[record["image_format"]])).convert("RGB")
-            samples.append((key, raw.get("txt", b"").decode(), image))
+            try:
+                image = Image.open(io.BytesIO(raw[record["image_format"]])).convert("RGB")
+            except (KeyError, OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise UserError(
+                    f"{out}: sample {key} has no readable {record['image_format']} image ({one_line(exc, limit=80)}); run `dreamshard verify {out}`"
+                ) from None
+            samples.append((key, raw.get("txt", b"").decode(errors="replace"), image))
             if len(samples) >= count:
                 break
         if len(samples) >= count:

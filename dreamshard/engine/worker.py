@@ -11,6 +11,7 @@ previous one flushes and commits.
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import socket
@@ -25,7 +26,7 @@ from dreamshard.engine.conditioned import Conditioner
 from dreamshard.engine.generation import GENERATORS, SampleStamp, batches
 from dreamshard.engine.models import load_pipeline
 from dreamshard.engine.plan import SampleSpec
-from dreamshard.errors import UserError
+from dreamshard.errors import RunFailure, UserError
 from dreamshard.format.shards import ShardSample, ShardWriter
 from dreamshard.format.store import Store
 
@@ -54,18 +55,26 @@ class GenerationWorker:
         if self._generate_batch is None:
             self._load_error = UserError(f"mode {config.mode!r} is not implemented yet; use one of {', '.join(GENERATORS)}")
             return
+        load_started = time.perf_counter()
         try:
             self.pipe = load_pipeline(config.model, config.mode)
         except Exception as exc:  # surfaced by ready(): the driver stops instead of restarting a doomed worker
             self._load_error = exc
             return
+        self._load_seconds = time.perf_counter() - load_started
         generation = {"scheduler": config.model.scheduler or type(self.pipe.scheduler).__name__, "model": model_info, "mode": config.mode}
         self._stamp = SampleStamp(generation, tuple(config.prompts.styles))
 
-    def ready(self) -> str:
+    def ready(self) -> dict:
+        """Where this worker runs and how long its model took to load (raises the load error, if any)."""
         if self._load_error is not None:
             raise self._load_error
-        return self.name
+        return {"name": self.name, "host": socket.gethostname(), "gpus": self._gpus(), "load_seconds": round(self._load_seconds, 2)}
+
+    @staticmethod
+    def _gpus() -> list[str]:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        return [gpu for gpu in visible.split(",") if gpu] if torch.cuda.is_available() else []
 
     def pid(self) -> int:
         return os.getpid()
@@ -88,7 +97,10 @@ class GenerationWorker:
                     pending.close()
                 return writer.commit({"worker": self.name})
         except OSError as exc:  # full disk, permissions: the user must act, retrying will not help
-            raise UserError(f"cannot write shard {shard} to {self.store.url}: {exc.strerror or exc}") from None
+            message = f"cannot write shard {shard} to {self.store.url}: {exc.strerror or exc}"
+            if exc.errno == errno.ENOSPC:
+                raise RunFailure(f"{message}; free space or choose another --out, then re-run to resume") from None
+            raise UserError(f"{message}; choose a writable output path with --out") from None
 
     def _generate(self, shard: int, specs: list[SampleSpec]) -> Iterator[ShardSample]:
         generate, done = self._generate_batch, 0

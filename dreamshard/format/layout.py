@@ -14,6 +14,7 @@ FORMAT_VERSION = 2  # of the run directory layout; 2: worker/seconds left the sa
 RUN_RECORD = "dreamshard.json"
 MANIFEST = "manifest.parquet"
 SIZES = "shards/sizes.json"
+STATS = "stats.jsonl"  # one record per generate call (run facts; not part of the dataset)
 PARTIAL = ".partial"  # suffix of files being written; never read, removed by the next run
 IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 LABEL_FIELD = "seg.png"  # the label of label-keeping modes: 8-bit mode L train ids, 255 = ignore

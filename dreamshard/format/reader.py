@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from dreamshard.format.layout import (
     FORMAT_VERSION,
+    IMAGE_FORMATS,
     LAYOUT,
     MANIFEST,
     PARTIAL,
@@ -35,7 +36,8 @@ _MARKER_NAME = re.compile(r"^(\d{6,})\.commit\.json$")
 
 def committed_shards(store: Store, samples_per_shard: int) -> dict[int, dict]:
     """Every shard whose marker is present and consistent with its files: {shard: marker}. A marker with
-    a wrong first index, or whose tar is missing or has another size, does not commit its shard. Two
+    a wrong first index, or whose tar or index file is missing or has another size, does not commit its
+    shard (a truncated or replaced index Parquet makes its shard uncommitted, so it is regenerated). Two
     listings and one batched read of the markers (concurrent on object stores), whatever the shard count."""
     tar_sizes, index_files = store.sizes("shards"), store.sizes("index")
     shards = [int(m.group(1)) for m in map(_MARKER_NAME.match, index_files) if m]
@@ -47,10 +49,12 @@ def committed_shards(store: Store, samples_per_shard: int) -> dict[int, dict]:
         marker = _parse_marker(data)
         if shard is None or marker is None:
             continue
+        parquet_name = Path(shard_parquet(shard)).name
         if (
             marker.get("first_index") == shard * samples_per_shard
             and tar_sizes.get(Path(shard_tar(shard)).name) == marker.get("tar_bytes")
-            and Path(shard_parquet(shard)).name in index_files
+            and parquet_name in index_files
+            and marker.get("parquet_bytes", index_files[parquet_name]) == index_files[parquet_name]
             and isinstance(marker.get("count"), int)
         ):
             committed[shard] = marker
@@ -101,13 +105,25 @@ def read_index(store: Store, shard: int) -> pa.Table:
 
 def consolidate(store: Store, counts: list[int]) -> pa.Table:
     """Write `manifest.parquet` (all per-shard rows, in index order) and `shards/sizes.json`."""
-    tables = [read_index(store, shard) for shard in range(len(counts))]
+    tables = []
+    for shard in range(len(counts)):
+        try:
+            tables.append(read_index(store, shard))
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            uncommit(store, shard)  # a re-run regenerates it instead of failing here again
+            raise UnreadableIndex(shard, exc) from None
     table = pa.concat_tables(tables) if tables else PARQUET_SCHEMA.empty_table()
     with store.scratch_file(MANIFEST) as local:
         pq.write_table(table, local)
         store.put_file(local, MANIFEST)
     store.write_json(SIZES, {Path(shard_tar(shard)).name: count for shard, count in enumerate(counts)})
     return table
+
+
+class UnreadableIndex(Exception):
+    def __init__(self, shard: int, exc: Exception):
+        super().__init__(f"{shard_parquet(shard)} is unreadable ({type(exc).__name__}: {str(exc)[:120]})")
+        self.shard = shard
 
 
 def remove_consolidated(store: Store) -> None:
@@ -157,6 +173,47 @@ def manifest_rows(table: pa.Table) -> list[dict]:
 
 def read_run_record(store: Store) -> dict | None:
     return store.read_json(RUN_RECORD) if store.exists(RUN_RECORD) else None
+
+
+class BadRunRecord(ValueError):
+    pass
+
+
+def checked_run_record(store: Store) -> dict:
+    """The run record with the fields every reader needs, checked: one clear error instead of a KeyError
+    deep inside a tool. Raises BadRunRecord (unreadable, wrong shape) or FileNotFoundError (none)."""
+    try:
+        record = read_run_record(store)
+    except (OSError, ValueError) as exc:
+        raise BadRunRecord(f"{store.url_of(RUN_RECORD)} is unreadable ({type(exc).__name__}: {exc})") from None
+    if record is None:
+        raise FileNotFoundError(store.url_of(RUN_RECORD))
+    problems = [] if isinstance(record, dict) else ["not a JSON object"]
+    if not problems:
+        for name in ("samples_per_shard", "num_samples", "num_shards"):
+            value = record.get(name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "samples_per_shard" else 0):
+                problems.append(f"{name} is {value!r}")
+        if record.get("image_format") not in IMAGE_FORMATS:
+            problems.append(f"image_format is {record.get('image_format')!r}")
+    if problems:
+        raise BadRunRecord(f"{store.url_of(RUN_RECORD)} is not a valid run record ({'; '.join(problems)})")
+    return record
+
+
+def committed_rows(store: Store, committed: dict[int, dict]) -> pa.Table:
+    """The metadata rows of the committed shards: the manifest when it holds exactly them, else their
+    index files (a manifest left from before shards were un-committed would count samples that are gone)."""
+    expected = sum(marker["count"] for marker in committed.values())
+    if store.exists(MANIFEST):
+        try:
+            table = pq.read_table(store.open(MANIFEST))
+            if table.num_rows == expected:
+                return table
+        except (OSError, ValueError, pa.ArrowException):
+            pass  # rebuilt from the index files below
+    tables = [read_index(store, shard) for shard in sorted(committed)]
+    return pa.concat_tables(tables) if tables else PARQUET_SCHEMA.empty_table()
 
 
 def write_run_record(store: Store, record: dict) -> None:

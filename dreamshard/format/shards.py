@@ -112,6 +112,7 @@ class ShardWriter:
         self._scratch.cleanup()
         with self.store.scratch_file(shard_parquet(self.shard)) as parquet:
             pq.write_table(records_to_table(self._records), parquet)
+            parquet_bytes = Path(parquet).stat().st_size
             self.store.put_file(parquet, shard_parquet(self.shard))
         indexes = [record["index"] for record in self._records]
         marker = {
@@ -123,6 +124,7 @@ class ShardWriter:
             "tar_bytes": tar_bytes,
             "tar_sha256": tar_sha256,
             "parquet": shard_parquet(self.shard),
+            "parquet_bytes": parquet_bytes,
             "seconds": round(time.time() - self._started, 3),
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **(info or {}),

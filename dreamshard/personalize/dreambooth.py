@@ -24,7 +24,6 @@ import math
 import os
 import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,7 @@ from dreamshard.engine.models import LORA_MANIFEST, load_base_pipeline, load_pip
 from dreamshard.errors import UserError, one_line
 from dreamshard.format.layout import PARTIAL
 from dreamshard.format.store import atomic_path
-from dreamshard.logs import console
+from dreamshard.logs import StageProgress, console
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ def personalize(config: PersonalizeConfig) -> Path:
 
     if trainer.start_step == 0:
         evaluate(0)
-    with _progress_bar(train.max_steps, trainer.start_step, main) as (progress, task):
+    with StageProgress("personalize", train.max_steps, "steps", completed=trainer.start_step, enabled=main) as progress:
         started = time.perf_counter()
         for step in range(trainer.start_step + 1, train.max_steps + 1):
             step_started = time.perf_counter()
@@ -97,7 +96,7 @@ def personalize(config: PersonalizeConfig) -> Path:
             rate = (step - trainer.start_step) / (now - started)
             if main:
                 train_log.write({"step": step, "loss": loss, "lr": trainer.lr, "seconds": now - step_started, "steps_per_s": rate})
-                progress.update(task, completed=step, loss=loss, rate=rate)
+                progress.update(step, f"loss {loss:.4f}, {rate:.2f} steps/s")
             if step % config.output.checkpoint_every == 0 and step < train.max_steps:
                 accelerator.wait_for_everyone()
                 write_checkpoint(trainer, out, step, info)
@@ -106,7 +105,7 @@ def personalize(config: PersonalizeConfig) -> Path:
     if main:
         write_final(trainer.pipe, train.method, out, info | {"step": train.max_steps})
         evaluate(train.max_steps)
-        console.print(f"personalised model written to {out}")
+        console.print(f"personalised model written to {out}", markup=False)
     accelerator.end_training()
     return out
 
@@ -532,22 +531,3 @@ class TrainLog:
 def read_train_log(out: str | Path) -> list[dict]:
     path = Path(out) / TRAIN_LOG
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-# ------------------------------------------------------------------------------------------- progress
-
-
-@contextmanager
-def _progress_bar(total: int, completed: int, enabled: bool):
-    """A rich progress bar with the loss and steps/s (silent on non-main processes)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (
-        TextColumn("personalize"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.2f} steps/s"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, disable=not enabled) as progress:
-        yield progress, progress.add_task("train", total=total, completed=completed, loss=float("nan"), rate=0.0)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +20,12 @@ from safetensors.torch import load_file, save_file
 
 from dreamshard.config import TrainConfig
 from dreamshard.errors import UserError, one_line
-from dreamshard.format.store import atomic_path
+from dreamshard.format.store import atomic_path, atomic_write_json
 from dreamshard.trainer.methods import unwrap
 from dreamshard.trainer.model import Segmenter
 
 STATE = "state.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,27 +68,43 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, state: TrainState, num_classes: int) -> None:
-    """Restore `state` from a checkpoint (its iteration included)."""
-    info = json.loads((path / STATE).read_text())
-    if info["num_classes"] != num_classes:
-        raise UserError(
-            f"checkpoint {path} has {info['num_classes']} classes but model.num_classes is {num_classes}; use a new output directory or set resume: false"
-        )
-    state.model.load_state_dict(read_weights(path / "model.safetensors", num_classes))
-    state.method.load_state_dicts({name: load_file(path / f"{name}.safetensors") for name in state.method.state_dicts()})
-    extra = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-    state.optimizer.load_state_dict(extra["optimizer"])
-    state.scheduler.load_state_dict(extra["scheduler"])
-    state.scaler.load_state_dict(extra["scaler"])
-    state.iteration = int(info["iteration"])
+    """Restore `state` from a checkpoint (its iteration included); any file that does not fit is one line
+    naming it and the way out (`--restart`)."""
+    restart = "start over with `dreamshard train CONFIG --restart` (moves the old output aside) or set output.path to a new directory"
+    try:
+        info = json.loads((path / STATE).read_text())
+        iteration, classes = int(info["iteration"]), int(info["num_classes"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"checkpoint {path / STATE} is unreadable ({one_line(exc)}); delete {path} to resume from the one before, or {restart}") from None
+    if classes != num_classes:
+        raise UserError(f"checkpoint {path} has {classes} classes but model.num_classes is {num_classes}; {restart}")
+    load_weights(state.model, read_weights(path / "model.safetensors", num_classes, restart), path, restart)
+    try:
+        state.method.load_state_dicts({name: load_file(path / f"{name}.safetensors") for name in state.method.state_dicts()})
+        extra = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        state.optimizer.load_state_dict(extra["optimizer"])
+        state.scheduler.load_state_dict(extra["scheduler"])
+        state.scaler.load_state_dict(extra["scaler"])
+    except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file: torch/safetensors raise many kinds
+        raise UserError(f"checkpoint {path} does not fit this run ({type(exc).__name__}: {one_line(exc, limit=160)}); {restart}") from None
+    state.iteration = iteration
 
 
-def read_weights(path: Path, num_classes: int) -> dict[str, torch.Tensor]:
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path, fix: str) -> None:
+    """load_state_dict, with a mismatch (another backbone, decoder or embed_dim) as one line."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), one_line(exc))
+        raise UserError(f"{path} was trained with another model (model.backbone / decoder / embed_dim differ: {first[:160]}); {fix}") from None
+
+
+def read_weights(path: Path, num_classes: int, fix: str = "give a checkpoint directory or its model.safetensors") -> dict[str, torch.Tensor]:
     """Student weights from safetensors, checked against the configured number of classes."""
     try:
         weights = load_file(path)
     except (FileNotFoundError, SafetensorError, OSError) as exc:
-        raise UserError(f"cannot read checkpoint weights {path} ({one_line(exc)}); give a checkpoint directory or its model.safetensors") from None
+        raise UserError(f"cannot read checkpoint weights {path} ({one_line(exc)}); {fix}") from None
     classifier = weights.get("decode_head.classifier.weight")
     if classifier is not None and classifier.shape[0] != num_classes:
         raise UserError(f"checkpoint {path} predicts {classifier.shape[0]} classes but model.num_classes is {num_classes}; set model.num_classes to match")
@@ -103,3 +122,65 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+# ------------------------------------------------------------------------------------ resume check
+
+RUN_SETTINGS = "run_settings.json"
+# Settings that do not change what a run learns or reports: where and how it runs and logs. max_iters may
+# grow (training continues); everything else must match for a resume.
+NOT_RESULT = (
+    "output.", "progress", "resume", "log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints", "device",
+    "threads", "data.workers", "data.cache_dir", "eval.workers", "eval.batch_size", "max_iters",
+)  # fmt: skip
+
+
+def result_settings(config: TrainConfig) -> dict[str, Any]:
+    """Every setting that shapes the result (method, model, data paths and subsets, optimiser, schedule,
+    seed, ...), flattened to dotted keys."""
+    flat: dict[str, Any] = {}
+
+    def walk(value, prefix: str) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(item, f"{prefix}{key}.")
+        else:
+            flat[prefix.rstrip(".")] = value
+
+    walk(config.model_dump(mode="json"), "")
+    return {key: value for key, value in flat.items() if not key.startswith(NOT_RESULT)}
+
+
+def claim_output(out: Path, config: TrainConfig, restart: bool, main: bool) -> None:
+    """Before anything is written: with `restart`, move an existing output aside; else refuse to resume a
+    run whose result-shaping settings differ (one line naming them), or whose checkpoint is past max_iters.
+    `record_settings` writes this run's settings once its state is built (a checkpoint that does not load
+    must not leave the new settings behind)."""
+    if restart and out.exists():
+        if main:
+            aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            out.rename(aside)
+            log.warning("--restart: moved the previous output to %s", aside)
+    elif config.resume and (out / RUN_SETTINGS).is_file():
+        try:
+            stored = json.loads((out / RUN_SETTINGS).read_text())["settings"]
+        except (OSError, ValueError, KeyError, TypeError):
+            stored = None
+        current = result_settings(config)
+        if stored is not None and stored != current:
+            keys = list(current) + [key for key in stored if key not in current]  # in config order: method and seed first
+            changed = [f"{key}: {stored.get(key)!r} then, {current.get(key)!r} now" for key in keys if stored.get(key) != current.get(key)]
+            more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
+            raise UserError(
+                f"{out} holds a run trained with other settings ({'; '.join(changed[:4])}{more}); resuming needs the same "
+                "settings (only max_iters may grow): pass --restart to move the old output aside and start over, or set output.path"
+            )
+        latest = latest_checkpoint(out / "checkpoints")
+        if latest is not None and int(latest.name.removeprefix("iter_")) > config.max_iters:
+            raise UserError(f"{out} already trained past max_iters={config.max_iters} ({latest.name}); raise max_iters, or pass --restart")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+
+
+def record_settings(out: Path, config: TrainConfig) -> None:
+    atomic_write_json(out / RUN_SETTINGS, {"settings": result_settings(config)})

@@ -32,7 +32,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from dreamshard.config import DomainConfig, RCSConfig, ShardsConfig, TrainDataConfig
 from dreamshard.datasets.labels import IGNORE_INDEX
 from dreamshard.datasets.sources import LabelledSource, open_source, scan
-from dreamshard.errors import UserError, one_line
+from dreamshard.errors import RunFailure, UserError, one_line
 from dreamshard.format.layout import LABEL_FIELD, RUN_RECORD, shard_tar
 from dreamshard.format.reader import committed_shards, read_run_record, subset_keys
 from dreamshard.format.store import Store, atomic_write, filesystem, is_url
@@ -199,10 +199,8 @@ def _run_dir_shards(store: Store, subset: int | None, order: str = "manifest") -
     return [store.url_of(shard_tar(s)) for s in shards], keys
 
 
-class DataError(UserError):
+class DataError(RunFailure):
     """A training stream that cannot go on: every shard failed, too many did, or no sample is usable."""
-
-    exit_code = 1
 
 
 MIN_SHARD_ATTEMPTS = 8  # shards read before a failure fraction is judged

@@ -15,7 +15,7 @@ from dreamshard.config import EvalConfig, TrainConfig
 from dreamshard.datasets.labels import CLASSES, NUM_CLASSES
 from dreamshard.errors import UserError
 from dreamshard.logs import console
-from dreamshard.trainer.checkpoints import read_weights
+from dreamshard.trainer.checkpoints import load_weights, read_weights
 from dreamshard.trainer.data import EvalSet, check_labels
 from dreamshard.trainer.metrics import confusion_metric, format_table, summarize
 from dreamshard.trainer.model import Segmenter
@@ -32,10 +32,10 @@ def class_names(config: TrainConfig) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate(config: TrainConfig, model: Segmenter, rt: Runtime) -> dict:
+def evaluate(config: TrainConfig, model: Segmenter, rt: Runtime, dataset: EvalSet | None = None) -> dict:
     """Confusion matrix over the whole val set (each rank a slice, summed across ranks) → metrics summary."""
     sync_buffers(model, rt)
-    dataset = EvalSet(config.data.val, config.data.allow_pipe)
+    dataset = dataset or EvalSet(config.data.val, config.data.allow_pipe)
     part = Subset(dataset, range(rt.rank, len(dataset), rt.world))
     loader = DataLoader(part, batch_size=config.eval.batch_size, num_workers=config.eval.workers)
     metric = confusion_metric(config.model.num_classes).to(rt.device)
@@ -75,8 +75,8 @@ def slide(model: Segmenter, images: torch.Tensor, crop: tuple[int, int], stride:
     return total / count
 
 
-def evaluate_and_save(config: TrainConfig, model: Segmenter, rt: Runtime, out: Path, iteration: int) -> dict:
-    summary = evaluate(config, model, rt)
+def evaluate_and_save(config: TrainConfig, model: Segmenter, rt: Runtime, out: Path, iteration: int, dataset: EvalSet | None = None) -> dict:
+    summary = evaluate(config, model, rt, dataset)
     if rt.main:
         folder = out / "eval"
         folder.mkdir(parents=True, exist_ok=True)
@@ -96,7 +96,8 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint: Path) -> dict:
         rt = runtime(config)
         model = Segmenter(config.model).to(rt.device)
         weights = checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint
-        model.load_state_dict(read_weights(weights, config.model.num_classes))
+        fix = "evaluate with the config the checkpoint was trained with (its config.yaml)"
+        load_weights(model, read_weights(weights, config.model.num_classes), weights, fix)
         summary = evaluate(config, model, rt)
         if rt.main:
             console.print(format_table(summary), highlight=False, markup=False)

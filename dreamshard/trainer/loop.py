@@ -19,14 +19,21 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.nn.parallel import DistributedDataParallel
 
 from dreamshard.config import OptimConfig, TrainConfig, dump_config
 from dreamshard.errors import one_line
-from dreamshard.logs import console
-from dreamshard.trainer.checkpoints import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint, weights_digest
-from dreamshard.trainer.data import DataError, check_labels, train_loader
+from dreamshard.logs import StageProgress
+from dreamshard.trainer.checkpoints import (
+    TrainState,
+    claim_output,
+    latest_checkpoint,
+    load_checkpoint,
+    record_settings,
+    save_checkpoint,
+    weights_digest,
+)
+from dreamshard.trainer.data import DataError, EvalSet, check_labels, train_loader
 from dreamshard.trainer.evaluation import evaluate_and_save
 from dreamshard.trainer.methods import build_method
 from dreamshard.trainer.model import Segmenter, head_parameter_groups
@@ -35,17 +42,22 @@ from dreamshard.trainer.runtime import Runtime, gather, init_distributed, runtim
 log = logging.getLogger(__name__)
 
 
-def train(config: TrainConfig) -> dict:
-    """Train, evaluate on `data.val`, and return the summary (mIoU, per-class IoU, wall time, images/s)."""
+def train(config: TrainConfig, restart: bool = False) -> dict:
+    """Train, evaluate on `data.val`, and return the summary (mIoU, per-class IoU, wall time, images/s).
+    An existing output resumes only with the same result-shaping settings; `restart` moves it aside first."""
     started = time.time()
     created_group = init_distributed()
     rt = runtime(config)
     out = Path(config.output.path)
     try:
-        if rt.main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+        val_set = EvalSet(config.data.val, config.data.allow_pipe) if config.data.val else None  # a bad path fails now, not at the end
+        claim_output(out, config, restart, rt.main)
+        if dist.is_initialized():
+            dist.barrier()
         state, student = build_state(config, rt, out)
+        if rt.main:  # only once the checkpoint (if any) has loaded: a refused resume leaves the old run's record
+            (out / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+            record_settings(out, config)
         start = state.iteration
         if rt.main and start == 0:
             (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
@@ -53,14 +65,14 @@ def train(config: TrainConfig) -> dict:
         iterators = data_streams(config, start)
         logger = MetricsLog(out, rt)
         train_started = time.time()
-        images, skipped = run_iterations(config, rt, state, student, iterators, logger, out)
+        images, skipped = run_iterations(config, rt, state, student, iterators, logger, out, val_set)
         train_seconds = time.time() - train_started
         sync_buffers(state.model, rt)
         if start < config.max_iters and rt.main:
             save_checkpoint(out / "checkpoints", state, config)
         last_eval = None
         if config.data.val:
-            last_eval = evaluate_and_save(config, state.model, rt, out, config.max_iters)
+            last_eval = evaluate_and_save(config, state.model, rt, out, config.max_iters, val_set)
             logger.write({"iteration": config.max_iters, **_eval_record(last_eval)})
         if sum(skipped.values()):
             log.warning("skipped %d corrupt shard(s)/sample(s) while training", sum(skipped.values()))
@@ -126,15 +138,13 @@ def data_streams(config: TrainConfig, start: int) -> dict:
     return {name: iter(loader) for name, loader in loaders.items()}
 
 
-def run_iterations(config: TrainConfig, rt: Runtime, state: TrainState, student, iterators: dict, logger: MetricsLog, out: Path):
+def run_iterations(config: TrainConfig, rt: Runtime, state: TrainState, student, iterators: dict, logger: MetricsLog, out: Path, val_set=None):
     """Iterations state.iteration .. max_iters: steps, logging, periodic evaluation and checkpoints.
     Returns (images seen, skipped samples per (domain, worker))."""
     start, images, skipped = state.iteration, 0, {}
     accum = config.optim.grad_accum
-    progress = _progress(rt.main and config.progress)
-    task = progress.add_task(config.method, total=config.max_iters, completed=start, info="")
     started = time.time()
-    with progress:
+    with StageProgress(f"train {config.method}", config.max_iters, "iterations", completed=start, enabled=rt.main and config.progress) as progress:
         for iteration in range(start, config.max_iters):
             state.method.begin_iteration(iteration)
             state.optimizer.zero_grad(set_to_none=True)
@@ -157,9 +167,9 @@ def run_iterations(config: TrainConfig, rt: Runtime, state: TrainState, student,
                 lr = state.optimizer.param_groups[0]["lr"]
                 logger.write({"iteration": done, "lr": lr, **logs, "images_per_s": images / elapsed, "skipped": sum(skipped.values())})
             losses = " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in logs.items())
-            progress.update(task, completed=done, info=f"{(done - start) / elapsed:.2f} it/s {losses}")
+            progress.update(done, f"{(done - start) / elapsed:.2f} it/s {losses}")
             if config.eval_interval and done % config.eval_interval == 0 and done < config.max_iters and config.data.val:
-                logger.write({"iteration": done, **_eval_record(evaluate_and_save(config, state.model, rt, out, done))})
+                logger.write({"iteration": done, **_eval_record(evaluate_and_save(config, state.model, rt, out, done, val_set))})
             if config.checkpoint_interval and done % config.checkpoint_interval == 0 and done < config.max_iters and rt.main:
                 save_checkpoint(out / "checkpoints", state, config)
     return images, skipped
@@ -238,16 +248,3 @@ def _tensorboard(out: Path):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(str(out / "tb"))
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-        disable=not enabled,
-        transient=False,
-    )
