@@ -113,8 +113,8 @@ def generate(
     """Generate a WebDataset dataset with Ray workers. Re-running the same command resumes (committed
     shards are kept); a higher --num-samples extends it. Layout: docs/format.md; clusters: docs/cluster.md."""
     set_log_every(log_every)
+    from dreamshard.cluster import ClusterWatchdog
     from dreamshard.config import GenerateConfig, load_config
-    from dreamshard.engine.run import ClusterWatchdog
     from dreamshard.engine.run import generate as run_generate
 
     ClusterWatchdog.hard_exit = True  # a lost cluster ends this process with one line, even if a Ray call blocks
@@ -306,8 +306,8 @@ def study(
 ) -> None:
     """Dataset-size scaling study: train on nested subsets x seeds (Ray tasks), write study.{parquet,csv,md,png}."""
     set_log_every(log_every)
+    from dreamshard.cluster import ClusterWatchdog
     from dreamshard.config import StudyConfig, load_config
-    from dreamshard.engine.run import ClusterWatchdog
     from dreamshard.study import run_study
 
     ClusterWatchdog.hard_exit = True

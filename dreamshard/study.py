@@ -17,9 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dreamshard.cluster import ray_session
+from dreamshard.cluster import ClusterWatchdog, ray_session
 from dreamshard.config import GenerateConfig, StudyConfig, TrainConfig, apply_overrides, read_yaml, validate
-from dreamshard.engine.run import ClusterWatchdog
 from dreamshard.errors import RunFailure, UserError, one_line
 from dreamshard.format.layout import RUN_RECORD
 from dreamshard.format.reader import committed_prefix, read_run_record

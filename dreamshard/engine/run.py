@@ -13,22 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
-import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
-from rich.text import Text
-
 from dreamshard import __version__
-from dreamshard.cluster import ray_session
+from dreamshard.cluster import ClusterWatchdog, ray_session
 from dreamshard.config import GenerateConfig
 from dreamshard.engine.conditioned import conditioner_for
 from dreamshard.engine.lease import LEASE, OutputLease
@@ -48,14 +44,11 @@ from dreamshard.format.reader import (
     write_run_record,
 )
 from dreamshard.format.store import Store
-from dreamshard.logs import StageProgress, console
+from dreamshard.logs import StageProgress
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.25  # how long the driver waits for any result before refreshing progress and timeouts
-HEALTH_SECONDS = 5.0  # how often the watchdog asks whether the Ray cluster is still there
-HEALTH_TIMEOUT_S = 15.0  # a GCS that does not answer this long fails a probe (Ray itself aborts the driver at 60 s)
-EXIT_GRACE_S = 10.0  # time the driver's loop gets to stop by itself once the cluster is gone
 PROGRESS_SECONDS = 0.5  # how often busy workers are asked how far they are in their shard
 # Shards queued on one actor at a time. With one, generation stopped at every shard boundary for the commit
 # and a driver round trip (~10% of a 3 s tiny-model shard); with two, the actor starts the next shard as
@@ -199,62 +192,6 @@ def append_stats(store: Store, record: dict) -> None:
 
 def _iso(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(seconds))
-
-
-def cluster_problem(ray) -> str | None:
-    """None while the cluster answers and has a live node; else what is wrong. The query runs in a thread:
-    a GCS that is gone can make it block."""
-    result: list = []
-
-    def ask() -> None:
-        try:
-            result.append(sum(1 for node in ray.nodes() if node.get("Alive")))
-        except Exception as exc:  # noqa: BLE001 - any failure to reach the GCS means the same
-            result.append(exc)
-
-    thread = threading.Thread(target=ask, daemon=True, name="ray-health")
-    thread.start()
-    thread.join(HEALTH_TIMEOUT_S)
-    if not result:
-        return f"its GCS did not answer for {HEALTH_TIMEOUT_S:.0f} s"
-    if isinstance(result[0], Exception):
-        return f"its GCS is unreachable: {one_line(result[0], limit=160)}"
-    return None if result[0] else "no node is alive"
-
-
-class ClusterWatchdog(threading.Thread):
-    """Asks the GCS every HEALTH_SECONDS whether the cluster is there. When it is gone, the driver's loop
-    stops with one line; but a Ray call of the loop (killing or creating an actor) can block on the missing
-    GCS, so if the loop has not stopped EXIT_GRACE_S later, the watchdog prints that line itself and ends
-    the process (exit 1). Committed shards are safe either way (markers are written last); the lease of a
-    dead driver is taken over by the next run."""
-
-    hard_exit = False  # set by the CLI: a library caller (tests, notebooks) gets the RunFailure, never an exit
-    probes = 2  # failed probes in a row before the cluster counts as gone (a slow GCS is not a lost one)
-
-    def __init__(self, ray, left: Callable[[], str]) -> None:
-        super().__init__(daemon=True, name="cluster-watchdog")
-        self.ray, self.left, self.problem, self._stop = ray, left, None, threading.Event()
-
-    def message(self) -> str:
-        return f"the Ray cluster is gone ({self.problem}); {self.left()} left: re-run the same command to resume"
-
-    def stop_unless_gone(self) -> None:
-        """The loop is done. With the cluster gone, keep the exit deadline: Ray's shutdown may block too."""
-        if not self.problem:
-            self._stop.set()
-
-    def run(self) -> None:
-        failures = 0
-        while not self._stop.wait(HEALTH_SECONDS):
-            problem = cluster_problem(self.ray)
-            failures = failures + 1 if problem else 0
-            if failures >= self.probes:
-                self.problem = problem
-                break
-        if self.problem and self.hard_exit and not self._stop.wait(EXIT_GRACE_S):
-            console.print(Text.assemble(("error: ", "bold red"), self.message()), highlight=False, soft_wrap=True)
-            os._exit(1)
 
 
 def death_reason(exc: Exception) -> str:
