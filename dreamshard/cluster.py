@@ -124,3 +124,12 @@ class ClusterWatchdog(threading.Thread):
         if self.problem and self.hard_exit and not self._stop.wait(EXIT_GRACE_S):
             console.print(Text.assemble(("error: ", "bold red"), self.message()), highlight=False, soft_wrap=True)
             os._exit(1)
+
+
+def fits_a_node(ray, num_cpus: float, num_gpus: float) -> bool:
+    """Whether some live node of the cluster has at least these resources in total (free or not)."""
+    for node in ray.nodes():
+        have = node.get("Resources", {}) if node.get("Alive") else {}
+        if have.get("CPU", 0.0) >= num_cpus and have.get("GPU", 0.0) >= num_gpus:
+            return True
+    return False

@@ -408,6 +408,9 @@ class StudyTrainConfig(Strict):
 class StudyResources(Strict):
     num_cpus: float = Field(1, gt=0)
     num_gpus: float = Field(0, ge=0)  # 1 on a GPU cluster: one run per GPU
+    # Stop (exit 1, resumable) when no node of the cluster has these resources for this long; 0: wait forever
+    # (an autoscaling cluster adds the nodes).
+    start_timeout_s: float = Field(300.0, ge=0)
 
 
 class StudyOutputConfig(Strict):

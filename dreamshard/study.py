@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dreamshard.cluster import ClusterWatchdog, ray_session
+from dreamshard.cluster import ClusterWatchdog, fits_a_node, ray_session
 from dreamshard.config import GenerateConfig, StudyConfig, TrainConfig, apply_overrides, read_yaml, validate
 from dreamshard.errors import RunFailure, UserError, one_line
 from dreamshard.format.layout import RUN_RECORD
@@ -208,11 +208,13 @@ def _train_all(config: StudyConfig, base: dict, todo: list[StudyRun], out: Path,
     total, best = len(todo), None
     watchdog = ClusterWatchdog(ray, lambda: f"{len(pending)} training run(s)")  # a cluster gone: one line, not a hang
     watchdog.start()
+    unfit_since: float | None = None
     try:
         with StageProgress("study", total, "runs", enabled=show_progress) as progress:
             while pending:
                 if watchdog.problem:
                     raise RunFailure(watchdog.message())
+                unfit_since = _check_resources(ray, config.resources, unfit_since, len(pending))
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
                 for ref in ready:
                     run = pending.pop(ref)
@@ -227,8 +229,28 @@ def _train_all(config: StudyConfig, base: dict, todo: list[StudyRun], out: Path,
                             best = (run.run_id, row["miou"])
                     progress.update(total - len(pending), f"best so far {best[0]} mIoU {100 * best[1]:.2f}" if best else "")
                 progress.update(total - len(pending), progress.info)  # a line in a log every --log-every s while runs train
+    except BaseException:
+        if not watchdog.problem:  # runs that never started would wait in the cluster for this gone driver
+            for ref in pending:
+                ray.cancel(ref, force=True)
+        raise
     finally:
         watchdog.stop_unless_gone()
+
+
+def _check_resources(ray, resources, unfit_since: float | None, left: int) -> float | None:
+    """Bounded waiting: RunFailure when no node of the cluster has had the resources one run asks for during
+    resources.start_timeout_s (0: wait forever, for autoscaling clusters); returns since when none has."""
+    if not resources.start_timeout_s or fits_a_node(ray, resources.num_cpus, resources.num_gpus):
+        return None
+    now = time.monotonic()
+    if unfit_since is not None and now - unfit_since > resources.start_timeout_s:
+        raise RunFailure(
+            f"no node of the Ray cluster has had the resources one study run asks for (resources.num_cpus={resources.num_cpus:g}, "
+            f"resources.num_gpus={resources.num_gpus:g}) for {resources.start_timeout_s:g} s; {left} run(s) left: lower `resources`, "
+            "add nodes, or set resources.start_timeout_s: 0 to wait for an autoscaler, then re-run the same command to resume"
+        )
+    return unfit_since if unfit_since is not None else now
 
 
 def run_settings(config: TrainConfig) -> str:

@@ -164,6 +164,16 @@ def test_study_refuses_sizes_beyond_the_data_when_extend_is_off(tmp_path, toy):
         run_study(config, show_progress=False)
 
 
+def test_study_without_a_node_that_fits_its_runs_stops_in_one_line(tmp_path, toy, ray_cluster):
+    """Bounded waiting: runs asking for a GPU on a CPU-only cluster never start; the study stops, resumable."""
+    from dreamshard.errors import RunFailure
+
+    config = study_config(tmp_path, train_yaml(tmp_path, toy), toy["target"], [4], seeds=[0], resources={"num_gpus": 1, "start_timeout_s": 1})
+    with pytest.raises(RunFailure, match=r"resources.num_gpus=1\) for 1 s; 1 run\(s\) left"):
+        run_study(config, show_progress=False)
+    assert not list((tmp_path / "study" / "runs").glob("*/result.json"))
+
+
 @pytest.mark.slow
 def test_study_extends_the_dataset_with_only_the_missing_shards(tmp_path, toy, tiny_model, ray_cluster):
     from dreamshard.engine.run import generate
