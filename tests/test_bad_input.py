@@ -235,3 +235,17 @@ def test_pipe_urls_need_allow_pipe(tmp_path):
         resolve_shards(ShardsConfig(path=f"pipe:touch {tmp_path}/ran"))
     assert not (tmp_path / "ran").exists()
     assert resolve_shards(ShardsConfig(path="pipe:cat a.tar"), allow_pipe=True)[0] == ["pipe:cat a.tar"]
+
+
+def test_progress_lines_when_the_output_is_a_log(good_run, trained, tmp_path, monkeypatch):
+    """Not a terminal (as under SLURM or `> log`): plain progress lines, the last one at 100%."""
+    import dreamshard.logs
+
+    monkeypatch.setattr(dreamshard.logs, "LOG_EVERY", dreamshard.logs.LOG_EVERY)  # --log-every sets it; restored after
+    code, lines = run("verify", good_run, "--log-every", "0")
+    assert code == 0 and lines[-2].startswith("verify: 3/3 shards (100%)") and lines[-1].endswith(": ok"), lines
+    root, toy, _ = trained
+    copy_run(trained, tmp_path)
+    code, lines = run("train", toy_train_config(tmp_path, toy, max_iters=4, progress=True), "--log-every", "0")
+    progress = [line for line in lines if line.startswith("train source_only: ")]
+    assert code == 0 and len(progress) >= 2 and progress[-1].startswith("train source_only: 4/4 iterations (100%)"), lines
