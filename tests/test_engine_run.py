@@ -21,7 +21,8 @@ from dreamshard.engine.plan import build_plan
 from dreamshard.engine.run import _choose_output, generate
 from dreamshard.engine.tools import verify_dataset
 from dreamshard.errors import UserError
-from dreamshard.format.reader import manifest_rows, read_manifest
+from dreamshard.format.reader import committed_shards, manifest_rows, read_manifest
+from dreamshard.format.store import Store
 
 N, PER_SHARD = 120, 30
 
@@ -129,6 +130,9 @@ def test_same_config_same_images_and_extension_keeps_existing_shards(first_run, 
     assert sorted(after) == [f"{k:06d}.tar" for k in range(4)]
     assert [(s["__key__"], s["jpg"]) for s in read_tars(out_b)] == [(k, s["jpg"]) for k, s in reference.items()]
     assert verify_dataset(out_b) == []
+    # The marker snapshot the driver leaves is the markers themselves (the refilled short shard included).
+    snapshot = json.loads((out_b / "index" / "markers.json").read_text())["markers"]
+    assert {int(k): v for k, v in snapshot.items()} == committed_shards(Store(out_b), PER_SHARD, use_snapshot=False)
     # Tars are reproducible: another output, worker count and time, the same plan and weights: the same bytes.
     assert tar_digests(out_b) == tar_digests(out_a) and len(tar_digests(out_a)) == 4
 

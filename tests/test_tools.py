@@ -138,3 +138,37 @@ def test_memory_url_run_is_written_verified_and_read_back(tmp_path):
     assert [key for key, _ in read_shard(store, 2)] == [f"{i:09d}" for i in (10, 11)]
     assert inspect_dataset(url).samples == 12
     store.fs.rm(store.root, recursive=True)
+
+
+def test_marker_snapshot_is_a_cache_checked_against_the_listing(dataset):
+    from dreamshard.format.reader import write_marker_snapshot
+
+    store = Store(dataset)
+    committed = committed_shards(store, 10, use_snapshot=False)
+    write_marker_snapshot(store, committed)
+    assert committed_shards(store, 10) == committed
+    marker0 = dataset / "index" / "000000.commit.json"
+    size = marker0.stat().st_size
+    # Same size, unreadable: the snapshot vouches for it (it was not read), a full scan does not.
+    marker0.write_bytes(b" " * size)
+    assert sorted(committed_shards(store, 10)) == [0, 1, 2] and sorted(committed_shards(store, 10, use_snapshot=False)) == [1, 2]
+    # Another size: the snapshot no longer vouches for it, it is read (and fails).
+    marker0.write_bytes(b"{}")
+    assert sorted(committed_shards(store, 10)) == [1, 2]
+    # A marker gone is gone whatever the snapshot says; a damaged snapshot costs reads, not answers.
+    (dataset / "index" / "000002.commit.json").unlink()
+    (dataset / "index" / "markers.json").write_bytes(b"\x00 not json")
+    assert sorted(committed_shards(store, 10)) == [1]
+
+
+def test_verify_flags_a_snapshot_entry_that_would_be_trusted_but_differs(dataset):
+    from dreamshard.format.reader import write_marker_snapshot
+
+    store = Store(dataset)
+    committed = committed_shards(store, 10, use_snapshot=False)
+    stale = {**committed, 1: {**committed[1], "tar_sha256": "0" * 64}}  # same length, other content
+    write_marker_snapshot(store, stale)
+    problems = verify_dataset(dataset)
+    assert len(problems) == 1 and "markers.json" in problems[0] and "shard(s) (first: 1)" in problems[0], problems
+    write_marker_snapshot(store, committed)
+    assert verify_dataset(dataset) == []

@@ -41,6 +41,7 @@ from dreamshard.format.reader import (
     read_run_record,
     remove_consolidated,
     uncommit,
+    write_marker_snapshot,
     write_run_record,
 )
 from dreamshard.format.store import Store
@@ -48,6 +49,7 @@ from dreamshard.logs import StageProgress
 
 log = logging.getLogger(__name__)
 
+SNAPSHOT_SECONDS = 60.0  # how often a running driver refreshes the marker snapshot (index/markers.json)
 POLL_SECONDS = 0.25  # how long the driver waits for any result before refreshing progress and timeouts
 PROGRESS_SECONDS = 0.5  # how often busy workers are asked how far they are in their shard
 # Shards queued on one actor at a time. With one, generation stopped at every shard boundary for the commit
@@ -120,7 +122,7 @@ def generate(
         driver = None
         if todo:
             with ray_session(address):
-                driver = _Driver(config, store, plan, counts, todo, model_info, started, conditioner)
+                driver = _Driver(config, store, plan, counts, todo, model_info, started, conditioner, known=done)
                 driver.lease = lease
                 skipped = sum(counts[k] for k in done)
                 try:
@@ -129,7 +131,10 @@ def generate(
                 finally:
                     append_stats(store, run_stats(driver, started_at, len(done)))
             clean_partials(store)  # what dead workers left; every worker of this run is gone now
-        summary = _summary(config, store, counts, done, driver, started)
+        committed = committed_shards(store, config.output.samples_per_shard)
+        if driver is not None:
+            _write_snapshot(store, committed)
+        summary = _summary(config, counts, committed, done, driver, started)
         if summary.ok:
             try:
                 consolidate(store, counts)
@@ -138,10 +143,9 @@ def generate(
     return summary
 
 
-def _summary(config: GenerateConfig, store: Store, counts: list[int], done: set[int], driver, started: float) -> RunSummary:
-    committed = committed_shards(store, config.output.samples_per_shard)
+def _summary(config: GenerateConfig, counts: list[int], committed: dict[int, dict], done: dict[int, dict], driver, started: float) -> RunSummary:
     return RunSummary(
-        out=store.url,
+        out=config.output.path,
         samples=config.run.num_samples,
         shards=len(counts),
         shards_generated=len(driver.committed) if driver else 0,
@@ -188,6 +192,13 @@ def append_stats(store: Store, record: dict) -> None:
         store.write_bytes(STATS, old + (json.dumps(record) + "\n").encode())
     except OSError as exc:  # the statistics must never fail a run that produced its shards
         log.warning("could not write %s/%s (%s)", store.url, STATS, exc)
+
+
+def _write_snapshot(store: Store, committed: dict[int, dict]) -> None:
+    try:
+        write_marker_snapshot(store, committed)
+    except OSError as exc:  # only a cache: the next scan reads the markers themselves
+        log.warning("could not write the marker snapshot on %s (%s)", store.url, exc)
 
 
 def _iso(seconds: float) -> str:
@@ -279,9 +290,9 @@ def _differing(store: Store, fingerprints: dict[str, str], parts: dict | None = 
 
 def _prepare_output(
     store: Store, config: GenerateConfig, plan: Plan, counts: list[int], fingerprints: dict, model_info: dict, parts: dict | None = None
-) -> set[int]:
-    """Check what is committed, refuse to shrink, clear leftovers, write the run record; returns the
-    shards that are complete already."""
+) -> dict[int, dict]:
+    """Check what is committed, refuse to shrink, clear leftovers, write the run record and the marker
+    snapshot; returns the shards that are complete already, with their markers."""
     committed = committed_shards(store, config.output.samples_per_shard)
     too_many = {k: m["count"] for k, m in committed.items() if k >= len(counts) or m["count"] > counts[k]}
     if too_many:
@@ -290,10 +301,10 @@ def _prepare_output(
             f"{store.url} already holds {have} samples; num_samples={config.run.num_samples} would drop some "
             f"(shards {sorted(too_many)}); raise num_samples or write to another --out"
         )
-    done = {k for k, marker in committed.items() if marker["count"] == counts[k]}
+    done = {k: marker for k, marker in committed.items() if marker["count"] == counts[k]}
     try:
         store.makedirs()
-        for shard in sorted(set(committed) - done):  # a short last shard the extended run fills up
+        for shard in sorted(set(committed) - set(done)):  # a short last shard the extended run fills up
             uncommit(store, shard)
         clean_partials(store)
         _remove_uncommitted(store, done)
@@ -301,12 +312,13 @@ def _prepare_output(
             remove_consolidated(store)
         previous = read_run_record(store) or {}
         write_run_record(store, _run_record(config, plan, counts, fingerprints, model_info, previous, parts or {}))
+        write_marker_snapshot(store, done)
     except OSError as exc:
         raise UserError(f"cannot write to {store.url} ({exc.strerror or exc}); choose a writable output path with --out") from None
     return done
 
 
-def _remove_uncommitted(store: Store, done: set[int]) -> None:
+def _remove_uncommitted(store: Store, done: dict[int, dict]) -> None:
     """Tar and Parquet files without a commit do not exist for readers of the contract, but a `*.tar`
     glob would still see them: remove them."""
     for folder, suffix in (("shards", ".tar"), ("index", ".parquet")):
@@ -382,13 +394,15 @@ class _Driver:
     """Hands shards to workers, replaces dead ones, retries failed shards a bounded number of times."""
 
     def __init__(self, config: GenerateConfig, store: Store, plan: Plan, counts: list[int], todo: list[int],
-                 model_info: dict, started: float, conditioner=None) -> None:  # fmt: skip
+                 model_info: dict, started: float, conditioner=None, known: dict[int, dict] | None = None) -> None:  # fmt: skip
         import ray
 
         self.ray, self.config, self.store, self.plan, self.counts = ray, config, store, plan, counts
         self.model_info, self.started, self.conditioner = model_info, started, conditioner
         self.queue: deque[int] = deque(todo)
         self.todo_count = len(todo)
+        self.known = known or {}  # markers of the shards committed before this run (for the marker snapshot)
+        self._snapshot_at, self._snapshotted = time.perf_counter(), 0
         self.attempts: dict[int, int] = {}
         self.failed: dict[int, str] = {}
         self.committed: dict[int, dict] = {}
@@ -425,6 +439,7 @@ class _Driver:
                 self._check_workers_and_cluster()
                 self._poll_progress()
                 progress.update(self)
+                self._refresh_snapshot()
                 if self.lease is not None:
                     self.lease.renew()
         finally:
@@ -440,6 +455,14 @@ class _Driver:
             self.finished_workers += self.workers
             self.ended = now
             self.workers.clear()
+
+    def _refresh_snapshot(self) -> None:
+        """Every SNAPSHOT_SECONDS with new commits: the marker snapshot, so a killed driver's resume reads one
+        object instead of every marker."""
+        now = time.perf_counter()
+        if len(self.committed) > self._snapshotted and now - self._snapshot_at >= SNAPSHOT_SECONDS:
+            self._snapshot_at, self._snapshotted = now, len(self.committed)
+            _write_snapshot(self.store, {**self.known, **self.committed})
 
     @property
     def images_in_flight(self) -> int:

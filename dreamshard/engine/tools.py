@@ -18,10 +18,18 @@ from PIL import Image, ImageDraw, ImageFont
 from rich.table import Table
 
 from dreamshard.errors import UserError, one_line
-from dreamshard.format.layout import MANIFEST, PARTIAL, SIZES, STATS, sample_key, shard_counts, shard_marker, shard_parquet, shard_tar
-from dreamshard.format.reader import BadRunRecord, checked_run_record, committed_rows, committed_shards, manifest_rows, read_shard
+from dreamshard.format.layout import MANIFEST, MARKER_SNAPSHOT, PARTIAL, SIZES, STATS, sample_key, shard_counts, shard_marker, shard_parquet, shard_tar
+from dreamshard.format.reader import (
+    BadRunRecord,
+    checked_run_record,
+    committed_rows,
+    committed_shards,
+    manifest_rows,
+    read_marker_snapshot,
+    read_shard,
+)
 from dreamshard.format.record import JSON_FIELDS, json_fields
-from dreamshard.format.store import Store
+from dreamshard.format.store import Store, json_bytes
 from dreamshard.logs import StageProgress
 
 
@@ -146,8 +154,8 @@ def verify_dataset(out: str | Path, decode_images: bool = True) -> list[str]:
         return [f"{exc}; nothing else can be checked without it: re-run `dreamshard generate` with the run's config to rewrite it"]
     size, image_format = record["samples_per_shard"], record["image_format"]
     counts = shard_counts(record["num_samples"], size)
-    committed = committed_shards(store, size)
-    problems: list[str] = []
+    committed = committed_shards(store, size, use_snapshot=False)  # every marker read: verify trusts no cache
+    problems: list[str] = _verify_snapshot(store, committed)
     fields_seen: list[set[str]] = []  # the first sample's fields: every sample must have the same
     tar_rows: dict[str, dict] = {}
     with StageProgress("verify", len(counts), "shards") as progress:
@@ -160,6 +168,22 @@ def verify_dataset(out: str | Path, decode_images: bool = True) -> list[str]:
     problems += _verify_consolidated(store, counts, tar_rows, complete=len(committed) >= len(counts))
     problems += _stray_files(store, len(counts), committed)
     return problems
+
+
+def _verify_snapshot(store: Store, committed: dict[int, dict]) -> list[str]:
+    """The marker snapshot is a cache that scans trust when a marker file has the cached size: flag entries
+    that would be trusted but differ from the marker itself."""
+    snapshot = read_marker_snapshot(store)
+    stale = [
+        shard
+        for shard, marker in sorted(committed.items())
+        if shard in snapshot and snapshot[shard] != marker and len(json_bytes(snapshot[shard])) == len(json_bytes(marker))
+    ]
+    if not stale:
+        return []
+    return [
+        f"{MARKER_SNAPSHOT}: the cached markers of {len(stale)} shard(s) (first: {stale[0]}) differ from their commit markers; delete {MARKER_SNAPSHOT} (a cache) and re-run generate"
+    ]
 
 
 def _verify_committed(store, shard, marker, count, size, image_format, decode_images, problems, tar_rows, fields_seen) -> None:

@@ -5,6 +5,7 @@ shards/000000.tar ...           WebDataset shards, the only `*.tar` files
 shards/sizes.json               {"000000.tar": count, ...} (open_clip), written when the run completes
 index/000000.parquet            per-sample metadata of shard 0 (json fields + run facts)
 index/000000.commit.json        shard 0's commit marker, written LAST
+index/markers.json              a cache of the markers (one read instead of one per marker); never required
 manifest.parquet                all index/*.parquet rows, written when the run completes
 """
 
@@ -14,6 +15,7 @@ FORMAT_VERSION = 2  # of the run directory layout; 2: worker/seconds left the sa
 RUN_RECORD = "dreamshard.json"
 MANIFEST = "manifest.parquet"
 SIZES = "shards/sizes.json"
+MARKER_SNAPSHOT = "index/markers.json"  # cached copy of the commit markers (see reader.committed_shards)
 STATS = "stats.jsonl"  # one record per generate call (run facts; not part of the dataset)
 PARTIAL = ".partial"  # suffix of files being written; never read, removed by the next run
 IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
