@@ -10,10 +10,10 @@ A template's `{classes}` becomes the classes present in the item's label (DIDEX'
 (Lanczos) back to the source label's size, so each sample's `seg.png` is the source label exactly (the json
 `width`/`height` stay the generation size, as in every mode: how the sample was drawn).
 
-Where this differs from the papers' code. ZoDi (`image_transfer.py`): its control map is the label's colour
-image resized bilinearly (cv2.INTER_LINEAR blends colours at class borders), here nearest; it resets seed 42
-for every image, here each sample has its own seed from the plan; its inversion timestep, see
-`inversion.py`. DIDEX (`dataset_creation/GTA5_to_PTD_*.py`, SD-2 depth img2img through the Stability-AI
+Where this differs from the papers' code. ZoDi (`image_transfer.py`): it resizes the label's colour image
+and the source image with cv2.INTER_AREA (Cityscapes 2048x1024 → 1024x512: colours averaged at class
+borders), here nearest for the map and bicubic for the image; it resets seed 42 for every image, here each
+sample has its own seed from the plan; its inversion timestep, see `inversion.py`. DIDEX (`dataset_creation/GTA5_to_PTD_*.py`, SD-2 depth img2img through the Stability-AI
 code): it halves GTA5 and edge-pads it to a multiple of 64, then resizes the padded output back without
 cropping the pad; here the image is resized to sampling.width x height (no pad) and back. It resets seed 0
 for every image, here per-sample seeds; its DDIM noises to the schedule step above the first one it
