@@ -144,7 +144,8 @@ class SamplingConfig(Strict):
     height: int = 512
     steps: int | tuple[int, int] = 50  # [low, high]: an integer drawn per sample, both ends included
     guidance_scale: float | tuple[float, float] = 7.5  # [low, high]: drawn per sample, rounded to 0.001
-    eta: float = Field(0.0, ge=0, le=1)  # DDIM's eta (0: deterministic DDIM, 1: DDPM-like; ZoDi: 1); needs model.scheduler ddim
+    # DDIM's eta (0: deterministic DDIM, 1: DDPM-like; ZoDi: 1); other than 0 needs a DDIM scheduler (model.scheduler: ddim)
+    eta: float = Field(0.0, ge=0, le=1)
 
 
 class OutputConfig(Strict):
