@@ -80,11 +80,13 @@ def main(
 @user_errors
 def tiny_model(
     out: Path = typer.Argument(..., help="Directory to write the pipeline (or ControlNet) into."),
-    preset: str = typer.Option("tiny", help="tiny (fast tests), sd15 (real SD 1.5 shapes, random weights), tiny-controlnet."),
+    preset: str = typer.Option(
+        "tiny", help="tiny (fast tests), sd15 (real SD 1.5 shapes, random weights), tiny-controlnet, tiny-depth (depth2img, with a tiny DPT)."
+    ),
     seed: int = typer.Option(0, help="Seed of the random weights (same seed, same files)."),
 ) -> None:
     """Write a random-weight Stable Diffusion pipeline built locally (no download), loadable with
-    StableDiffusionPipeline.from_pretrained(OUT)."""
+    DiffusionPipeline.from_pretrained(OUT) (tiny-controlnet: ControlNetModel.from_pretrained(OUT))."""
     from dreamshard.engine.tiny import PRESETS, build_tiny_model
 
     if preset not in PRESETS:

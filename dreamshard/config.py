@@ -26,7 +26,7 @@ class Strict(BaseModel):
 
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
 
-MODES = ("txt2img", "img2img", "controlnet_seg")  # generation modes; all but txt2img keep a source label
+MODES = ("txt2img", "img2img", "controlnet_seg", "depth2img")  # generation modes; all but txt2img keep a source label
 CONDITIONED_MODES = MODES[1:]
 
 
@@ -79,20 +79,27 @@ class SourceConfig(Strict):
 
 
 class ConditionConfig(Strict):
-    """How the conditioned modes (img2img, controlnet_seg) use each sample's source item.
+    """How the conditioned modes (img2img, depth2img, controlnet_seg) use each sample's source item.
 
-    `strength` is the img2img strength: how far the source image is noised before denoising (img2img needs
-    one; DIDEX uses 0.9). In controlnet_seg, None starts from pure noise and a value starts from the noised
-    source latent instead (ZoDi: 0.6-0.9 per domain). `strength_by_style` sets it per style value (e.g.
-    {"driving at night": 0.9}); a prompt-file column `strength` sets it per row. Generation runs at
-    sampling.width x height; the output image is then resized (Lanczos) to the source label's size, so
-    `seg.png` holds the source labels exactly, never resized.
+    `strength` is the img2img strength: how far the source image is noised before denoising (img2img and
+    depth2img need one; DIDEX uses 0.9). In controlnet_seg, None starts from pure noise and a value starts
+    from the noised source latent instead (ZoDi: 0.6-0.9 per domain). `strength_by_style` sets it per style
+    value (e.g. {"driving at night": 0.9}); a prompt-file column `strength` sets it per row. `init_noise` is
+    the noise that takes the source latent to the first denoising timestep: `random` (SDEdit, diffusers'
+    img2img) or `stochastic_inversion` (ZoDi: the UNet's own prediction ε_θ(x_t, t, c) at that timestep;
+    controlnet_seg and img2img, samples with a strength). Generation runs at sampling.width x height; the
+    output image is then resized (Lanczos) to the source label's size, so `seg.png` holds the source labels
+    exactly, never resized.
     """
 
     strength: float | None = None
     strength_by_style: dict[str, float] = {}
+    init_noise: Literal["random", "stochastic_inversion"] = "random"
     controlnet_scale: float = 1.0  # controlnet_conditioning_scale
-    palette: str | list[str | tuple[int, int, int]] = "cityscapes"  # colours of the label map shown to ControlNet
+    # The colours of the label map shown to ControlNet: `cityscapes` (the 19 train ids' colours, other ids
+    # black), `cityscapes_color` (cityscapesScripts' 34 label-id colours, the *_gtFine_color.png that ZoDi
+    # feeds; needs a source with Cityscapes label ids: cityscapes or gta5), or one colour per train id.
+    palette: str | list[str | tuple[int, int, int]] = "cityscapes"
 
 
 # ---------------------------------------------------------------------------------- generate (engine)
@@ -100,7 +107,9 @@ class ConditionConfig(Strict):
 
 
 class TemplateConfig(Strict):
-    text: str  # placeholders: {token} {cls} and any style axis name, e.g. {weather}; {{ }} for braces
+    # Placeholders: {token} {cls}, any style axis name (e.g. {weather}) and, in conditioned modes, {classes}:
+    # the classes present in the sample's source label (DIDEX); {{ }} for braces.
+    text: str
     weight: float = 1.0  # relative chance of this template per sample
     negative_prompt: str | None = None  # None: prompts.negative_prompt
 
@@ -117,8 +126,12 @@ class PromptsConfig(Strict):
     classes: list[str] = ["car", "bus", "truck", "person", "rider", "motorcycle", "bicycle", "train"]
     class_weights: dict[str, float] = {}  # class -> weight (1.0 if unlisted); needs weighted/least_generated
     balance: Literal["round_robin", "weighted", "least_generated"] = "round_robin"
-    templates: list[TemplateConfig] = [TemplateConfig(text="a photo of a {token} {cls}")]
+    templates: list[TemplateConfig] = [TemplateConfig(text="a photo of a {token} {cls}")]  # {classes}: see TemplateConfig
     styles: dict[str, list[str]] = {}  # DIDEX axes: {weather: [rainy, snowy], time_of_day: [...]}
+    # Conditioned modes: make every source item once with every value of this style axis (ZoDi: each image in
+    # each domain). Sample i takes item i // V with value i mod V (V values), so run.num_samples must be
+    # items x V; null: the axis is drawn per sample like the others.
+    pair_items_with: str | None = None
     negative_prompt: str = ""
     file: str | None = None  # recipe "file": .txt (one prompt a line), .jsonl or .parquet; relative to cwd
     file_column: str = "prompt"  # the prompt's column in .jsonl / .parquet; other columns go to extra
@@ -131,6 +144,8 @@ class SamplingConfig(Strict):
     height: int = 512
     steps: int | tuple[int, int] = 50  # [low, high]: an integer drawn per sample, both ends included
     guidance_scale: float | tuple[float, float] = 7.5  # [low, high]: drawn per sample, rounded to 0.001
+    # DDIM's eta (0: deterministic DDIM, 1: DDPM-like; ZoDi: 1); other than 0 needs a DDIM scheduler (model.scheduler: ddim)
+    eta: float = Field(0.0, ge=0, le=1)
 
 
 class OutputConfig(Strict):
@@ -167,8 +182,8 @@ class GenerateConfig(Strict):
     sampling: SamplingConfig = SamplingConfig()
     output: OutputConfig = OutputConfig()
     run: RunConfig = RunConfig()
-    source: SourceConfig | None = None  # img2img / controlnet_seg: the labelled source dataset
-    condition: ConditionConfig = ConditionConfig()  # img2img / controlnet_seg: strength, ControlNet scale, palette
+    source: SourceConfig | None = None  # img2img / depth2img / controlnet_seg: the labelled source dataset
+    condition: ConditionConfig = ConditionConfig()  # conditioned modes: strength, initial noise, ControlNet scale, palette
 
 
 # ------------------------------------------------------------------------------------- personalize

@@ -32,7 +32,9 @@ def expected_train_ids(raw: np.ndarray, table: dict[int, int]) -> np.ndarray:
     return np.vectorize(lambda v: table.get(int(v), 255), otypes=[np.uint8])(raw)
 
 
-def write_cityscapes(root: Path, n: int = 3, size: tuple[int, int] = (48, 32), seed: int = 0, split: str = "train") -> dict[str, np.ndarray]:
+def write_cityscapes(
+    root: Path, n: int = 3, size: tuple[int, int] = (48, 32), seed: int = 0, split: str = "train", values: tuple[int, ...] = CITYSCAPES_VALUES
+) -> dict[str, np.ndarray]:
     """Two cities; returns {key: expected train ids}."""
     rng = np.random.default_rng(seed)
     width, height = size
@@ -40,7 +42,7 @@ def write_cityscapes(root: Path, n: int = 3, size: tuple[int, int] = (48, 32), s
     for i in range(n):
         city = ("aachen", "bremen")[i % 2]
         base = f"{city}_{i:06d}_000019"
-        raw = random_label(rng, CITYSCAPES_VALUES, height, width).astype(np.uint8)
+        raw = random_label(rng, values, height, width).astype(np.uint8)
         _save(root / "leftImg8bit" / split / city / f"{base}_leftImg8bit.png", random_image(rng, height, width))
         _save(root / "gtFine" / split / city / f"{base}_gtFine_labelIds.png", raw)
         expected[base] = expected_train_ids(raw, CITYSCAPES_ID_TO_TRAIN_ID)

@@ -29,6 +29,20 @@ PALETTE = (
     (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
 )  # fmt: skip
 
+# cityscapesScripts' colour of each label id 0..33: the colours of its `*_gtFine_color.png` files, which are
+# drawn from the same polygons as `*_gtFine_labelIds.png` (license plate, -1, is drawn in neither). The 19
+# evaluated classes have their PALETTE colours; the ignored ids keep their own (parking, rail track, guard
+# rail, bridge, tunnel, polegroup, caravan, trailer, dynamic, ground; the other void ids are black).
+CITYSCAPES_LABEL_COLOURS = (
+    (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), (111, 74, 0), (81, 0, 81), (128, 64, 128),
+    (244, 35, 232), (250, 170, 160), (230, 150, 140), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (180, 165, 180), (150, 100, 100), (150, 120, 90), (153, 153, 153), (153, 153, 153), (250, 170, 30),
+    (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142),
+    (0, 0, 70), (0, 60, 100), (0, 0, 90), (0, 0, 110), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)  # fmt: skip
+# Palettes by name: `cityscapes` colours train ids, `cityscapes_color` colours Cityscapes label ids.
+LABEL_ID_PALETTES = ("cityscapes_color",)
+
 # Cityscapes label ids 0..33 (license plate, -1, never appears in the id PNGs); ids not listed → 255.
 CITYSCAPES_ID_TO_TRAIN_ID = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
@@ -106,18 +120,25 @@ def to_train_ids(raw: np.ndarray, mapping: LabelMap | Mapping[int, int]) -> np.n
 
 
 def colourise(train_ids: np.ndarray, palette: Sequence[Sequence[int]] = PALETTE) -> np.ndarray:
-    """Train ids (H, W) → RGB uint8 (H, W, 3); ids without a colour (255 included) are black."""
+    """Train ids (or, with a label-id palette, label ids) (H, W) → RGB uint8 (H, W, 3); ids without a colour
+    (255 included) are black."""
     table = np.zeros((256, 3), dtype=np.uint8)
     table[: len(palette)] = np.asarray(palette, dtype=np.uint8)
     return table[np.asarray(train_ids, dtype=np.uint8)]
 
 
 def parse_palette(spec: str | Sequence[str | Sequence[int]], num_classes: int = NUM_CLASSES) -> tuple[tuple[int, int, int], ...]:
-    """`"cityscapes"`, or one colour per class as `"#rrggbb"` or `[r, g, b]` → a tuple of RGB triples."""
+    """`"cityscapes"` (the 19 train-id colours), `"cityscapes_color"` (cityscapesScripts' 34 label-id colours:
+    colours label ids, not train ids), or one colour per class as `"#rrggbb"` or `[r, g, b]` → a tuple of
+    RGB triples."""
     if isinstance(spec, str):
         if spec.lower() == "cityscapes":
             return PALETTE
-        raise UserError(f"unknown palette {spec!r}; use 'cityscapes' or a list of {num_classes} colours ('#rrggbb' or [r, g, b])")
+        if spec.lower() == "cityscapes_color":
+            return CITYSCAPES_LABEL_COLOURS
+        raise UserError(
+            f"unknown palette {spec!r}; use 'cityscapes' (train ids), 'cityscapes_color' (Cityscapes label ids) or a list of {num_classes} colours ('#rrggbb' or [r, g, b])"
+        )
     colours = tuple(_parse_colour(item, i) for i, item in enumerate(spec))
     if len(colours) < num_classes:
         raise UserError(f"palette has {len(colours)} colours but there are {num_classes} classes; give one colour per class")

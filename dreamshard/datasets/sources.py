@@ -49,18 +49,27 @@ class LabelledSource:
 
     def load(self, item: SourceItem) -> tuple[Image.Image, np.ndarray]:
         """(RGB image, uint8 train ids of the same size); a bad file raises UserError naming it."""
+        image, _, train_ids = self.load_with_raw(item)
+        return image, train_ids
+
+    def load_with_raw(self, item: SourceItem) -> tuple[Image.Image, np.ndarray, np.ndarray]:
+        """(RGB image, the label's values as stored, uint8 train ids), all of the same size."""
         image = read_rgb(item.image)
-        label = self.load_label(item)
-        if label.shape != (image.height, image.width):
-            raise UserError(_size_problem(item, image.size, (label.shape[1], label.shape[0])))
-        return image, label
+        raw = self.load_raw_label(item)
+        if raw.shape != (image.height, image.width):
+            raise UserError(_size_problem(item, image.size, (raw.shape[1], raw.shape[0])))
+        return image, raw, to_train_ids(raw, self.label_map)
 
     def load_label(self, item: SourceItem) -> np.ndarray:
+        return to_train_ids(self.load_raw_label(item), self.label_map)
+
+    def load_raw_label(self, item: SourceItem) -> np.ndarray:
+        """The label's values as stored (e.g. Cityscapes label ids), checked against the label map."""
         raw = read_label(item.label, first_channel=self.config.layout == "synthia")
         unknown = self.label_map.unknown_values(raw)
         if unknown:
             raise UserError(_value_problem(item, unknown, self.label_map))
-        return to_train_ids(raw, self.label_map)
+        return raw
 
 
 def open_source(config: SourceConfig) -> LabelledSource:

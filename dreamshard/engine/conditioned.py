@@ -1,11 +1,23 @@
-"""Label-preserving generation: the `img2img` (DIDEX) and `controlnet_seg` (ZoDi) modes.
+"""Label-preserving generation: the `img2img`, `depth2img` (DIDEX) and `controlnet_seg` (ZoDi) modes.
 
-Sample i takes source item `i mod len(source)` (the source's own order: sorted keys, or a seeded shuffle),
-its prompt and seed from the plan, and its strength from the `condition` config. Generation runs at the
-plan's width x height: the source image is resized to it (bicubic) for img2img, the colour-coded label map
+Sample i takes source item `(i // group) mod len(source)` (the source's own order: sorted keys, or a seeded
+shuffle; group = 1, or the number of values of the style axis paired with the items, see
+`prompts.pair_items_with`), its prompt and seed from the plan, and its strength from the `condition` config.
+A template's `{classes}` becomes the classes present in the item's label (DIDEX's wording, see
+`prompts.classes_text`). Generation runs at the plan's width x height: the source image is resized to it
+(bicubic) for img2img and depth2img (whose pipeline estimates depth from it), the colour-coded label map
 (nearest neighbour: a label is never interpolated) for ControlNet. The generated image is then resized
 (Lanczos) back to the source label's size, so each sample's `seg.png` is the source label exactly (the json
 `width`/`height` stay the generation size, as in every mode: how the sample was drawn).
+
+Where this differs from the papers' code. ZoDi (`image_transfer.py`): it resizes the label's colour image
+and the source image with cv2.INTER_AREA (Cityscapes 2048x1024 → 1024x512: colours averaged at class
+borders), here nearest for the map and bicubic for the image; it resets seed 42 for every image, here each
+sample has its own seed from the plan; its inversion timestep, see `inversion.py`. DIDEX (`dataset_creation/GTA5_to_PTD_*.py`, SD-2 depth img2img through the Stability-AI
+code): it halves GTA5 and edge-pads it to a multiple of 64, then resizes the padded output back without
+cropping the pad; here the image is resized to sampling.width x height (no pad) and back. It resets seed 0
+for every image, here per-sample seeds; its DDIM noises to the schedule step above the first one it
+denoises (ldm's img2img), here both are the same step (diffusers).
 """
 
 from __future__ import annotations
@@ -17,16 +29,18 @@ import logging
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
 
-from dreamshard.config import CONDITIONED_MODES, ConditionConfig, GenerateConfig, SourceConfig
-from dreamshard.datasets.labels import colourise, parse_palette
+from dreamshard.config import CONDITIONED_MODES, ConditionConfig, GenerateConfig, PromptsConfig, SourceConfig
+from dreamshard.datasets.labels import CITYSCAPES_MAP, CLASSES, LABEL_ID_PALETTES, NUM_CLASSES, colourise, parse_palette
 from dreamshard.datasets.sources import LabelledSource, open_source, scan
-from dreamshard.engine.generation import SampleStamp, call_pipeline
-from dreamshard.engine.plan import SampleSpec
+from dreamshard.engine.generation import SampleStamp, call_pipeline, seeded_generators
+from dreamshard.engine.inversion import img2img_from_latents, stochastic_inversion
+from dreamshard.engine.plan import SampleSpec, source_group
+from dreamshard.engine.prompts import classes_text, placeholders
 from dreamshard.errors import UserError
 from dreamshard.format.layout import LABEL_FIELD
 from dreamshard.format.shards import ShardSample
@@ -43,21 +57,37 @@ class SourceSample:
     control: Image.Image | None  # the colour-coded label map at generation size (controlnet_seg)
     train_ids: np.ndarray  # the source label at its own size: what seg.png stores
     strength: float | None
+    spec: SampleSpec  # the plan's spec, its prompt's {classes} filled from this item's label
 
 
 class Conditioner:
     """Turns sample specs into pipeline calls for a conditioned mode, and results into (image, seg.png)."""
 
-    def __init__(self, mode: str, source: LabelledSource, condition: ConditionConfig, num_classes: int) -> None:
+    def __init__(self, mode: str, source: LabelledSource, condition: ConditionConfig, num_classes: int, prompts: PromptsConfig | None = None) -> None:
         if mode not in CONDITIONED_MODES:
             raise ValueError(f"{mode!r} is not a conditioned mode")
+        prompts = prompts or PromptsConfig()
         self.mode = mode
         self.source = source
         self.condition = condition
         self.palette = parse_palette(condition.palette, num_classes)
+        # cityscapes_color colours the label ids as stored (34 classes), the others the train ids
+        self.colours_label_ids = isinstance(condition.palette, str) and condition.palette.lower() in LABEL_ID_PALETTES
+        if self.colours_label_ids and mode == "controlnet_seg" and source.label_map is not CITYSCAPES_MAP:
+            raise UserError(
+                f"condition.palette {condition.palette} colours Cityscapes label ids, but this source's labels are read as {source.label_map.name}; "
+                "use a cityscapes or gta5 source with source.labels auto, or palette cityscapes"
+            )
         _check_strengths(mode, condition)
+        self.token = prompts.token
+        self.group = source_group(prompts)  # consecutive samples that take the same source item
+        self.classes_templates = _classes_templates(prompts)
+        if self.classes_templates and num_classes != NUM_CLASSES:
+            raise UserError(
+                f"{{classes}} names train ids with the {NUM_CLASSES} Cityscapes classes, but source.num_classes is {num_classes}; remove {{classes}} from the templates"
+            )
         self.fingerprint = _fingerprint(source, condition)
-        self._img2img_pipe = None  # controlnet_seg with a strength: built by pipeline_for on first use
+        self._variant = None  # the img2img pipeline pipeline_for builds on first use (see there)
         self._loaders: ThreadPoolExecutor | None = None  # decodes a batch's source files in parallel (in the worker)
 
     def strength(self, spec: SampleSpec) -> float | None:
@@ -70,15 +100,23 @@ class Conditioner:
                 return self.condition.strength_by_style[value]
         return self.condition.strength
 
+    def item_index(self, index: int) -> int:
+        """The source position sample `index` takes (the source cycles when there are more)."""
+        return index // self.group
+
     def prepare(self, spec: SampleSpec) -> SourceSample:
-        item = self.source.item_for(spec.index)
-        image, train_ids = self.source.load(item)
+        item = self.source.item_for(self.item_index(spec.index))
+        image, raw, train_ids = self.source.load_with_raw(item)
         size = (spec.width, spec.height)
         strength = self.strength(spec)
         control = None
         if self.mode == "controlnet_seg":
-            control = Image.fromarray(colourise(train_ids, self.palette)).resize(size, Image.Resampling.NEAREST)
-        return SourceSample(item.key, image.resize(size, Image.Resampling.BICUBIC), control, train_ids, strength)
+            ids = raw if self.colours_label_ids else train_ids
+            control = Image.fromarray(colourise(ids, self.palette)).resize(size, Image.Resampling.NEAREST)
+        if spec.template in self.classes_templates:
+            values = {"token": self.token, "cls": spec.class_name, **spec.style, "classes": classes_text(train_ids, CLASSES)}
+            spec = replace(spec, prompt=spec.template.format_map(values))
+        return SourceSample(item.key, image.resize(size, Image.Resampling.BICUBIC), control, train_ids, strength, spec)
 
     def pipeline_kwargs(self, samples: Sequence[SourceSample]) -> dict:
         """The conditioning arguments of one pipeline call over `samples` (all with the same strength)."""
@@ -86,7 +124,7 @@ class Conditioner:
         if any(sample.strength != strength for sample in samples):
             raise ValueError("one pipeline call needs one strength; group samples by strength")
         images = [sample.image for sample in samples]
-        if self.mode == "img2img":
+        if self.mode in ("img2img", "depth2img"):
             return {"image": images, "strength": strength}
         kwargs = {"controlnet_conditioning_scale": self.condition.controlnet_scale}
         controls = [sample.control for sample in samples]
@@ -94,22 +132,36 @@ class Conditioner:
             return kwargs | {"image": controls}
         return kwargs | {"image": images, "control_image": controls, "strength": strength}
 
+    def inverts(self, samples: Sequence[SourceSample]) -> bool:
+        """Whether these samples start from ZoDi's stochastic inversion (samples without a strength start
+        from pure noise: there is no source latent to invert)."""
+        return self.condition.init_noise == "stochastic_inversion" and samples[0].strength is not None
+
     def pipeline_for(self, pipe, samples: Sequence[SourceSample]):
-        """The pipeline to call: the loaded one, or for controlnet_seg with a strength its img2img variant
-        (same components, built on first use: starts from the noised source latent, as ZoDi does)."""
-        if self.mode != "controlnet_seg" or samples[0].strength is None:
+        """The pipeline to call: the loaded one, or an img2img variant on the same components, built on first
+        use: for controlnet_seg with a strength the ControlNet img2img pipeline (it starts from the noised
+        source latent), for img2img with stochastic inversion one that takes the inverted start latent."""
+        noised_control = self.mode == "controlnet_seg" and samples[0].strength is not None
+        if not (noised_control or (self.mode == "img2img" and self.inverts(samples))):
             return pipe
-        if self._img2img_pipe is None or self._img2img_pipe.unet is not pipe.unet:
-            from diffusers import StableDiffusionControlNetImg2ImgPipeline
+        if self._variant is None or self._variant.unet is not pipe.unet:
+            self._variant = self._img2img_variant(pipe)
+        return self._variant
 
-            self._img2img_pipe = StableDiffusionControlNetImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
-            self._img2img_pipe.set_progress_bar_config(disable=True)
-        return self._img2img_pipe
+    def _img2img_variant(self, pipe):
+        if self.mode == "img2img":
+            return img2img_from_latents(pipe)
+        from diffusers import StableDiffusionControlNetImg2ImgPipeline
 
-    def generate(self, pipe, specs: list[SampleSpec], stamp: SampleStamp) -> list[ShardSample]:
+        variant = StableDiffusionControlNetImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+        variant.set_progress_bar_config(disable=True)
+        return variant
+
+    def generate(self, pipe, specs: list[SampleSpec], stamp: SampleStamp, **sampler) -> list[ShardSample]:
         """The worker's per-mode function: specs sharing (steps, guidance, size) → samples with `seg.png`.
         Specs with different strengths go to separate pipeline calls; each sample's noise comes from its
-        own CPU generator seeded from the plan, as in txt2img."""
+        own CPU generator seeded from the plan, as in txt2img (with stochastic inversion, the inversion
+        draws from it first). `sampler`: pipeline arguments from sampling (eta)."""
         by_strength: dict[float | None, list[SampleSpec]] = {}
         for spec in specs:
             by_strength.setdefault(self.strength(spec), []).append(spec)
@@ -119,11 +171,25 @@ class Conditioner:
             self._loaders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="source-loader")
         for group in by_strength.values():
             samples = list(self._loaders.map(self.prepare, group))
-            images = call_pipeline(self.pipeline_for(pipe, samples), group, **self.pipeline_kwargs(samples))
-            for spec, sample, image in zip(group, samples, images):
+            filled = [sample.spec for sample in samples]
+            images = self.call(pipe, samples, filled, **sampler)
+            for spec, sample, image in zip(filled, samples, images):
                 image, seg = self.finish(image, sample)
                 done[spec.index] = ShardSample(metadata=stamp(spec, source_key=sample.key), image=image, files={LABEL_FIELD: seg})
         return [done[spec.index] for spec in specs]
+
+    def call(self, pipe, samples: Sequence[SourceSample], specs: list[SampleSpec], **sampler):
+        """One pipeline call over samples sharing a strength; returns the PIL images."""
+        pipe = self.pipeline_for(pipe, samples)
+        generators = seeded_generators(specs)
+        kwargs = self.pipeline_kwargs(samples)
+        if self.inverts(samples):
+            control = kwargs.get("control_image")
+            kwargs["latents"] = stochastic_inversion(
+                pipe, kwargs["image"], [spec.prompt for spec in specs], generators, specs[0].steps, samples[0].strength,
+                control=control, controlnet_scale=self.condition.controlnet_scale,
+            )  # fmt: skip
+        return call_pipeline(pipe, specs, generators=generators, **kwargs, **sampler)
 
     @staticmethod
     def finish(image: Image.Image, sample: SourceSample) -> tuple[Image.Image, bytes]:
@@ -136,11 +202,29 @@ class Conditioner:
 
 def conditioner_for(config: GenerateConfig) -> Conditioner | None:
     """The Conditioner of a conditioned run (its source listed and pre-scanned), None for txt2img."""
+    check_settings(config)
     if config.mode not in CONDITIONED_MODES:
         return None
     _check_strength_settings(config)
     source = open_checked_source(config.source, config.mode)
-    return Conditioner(config.mode, source, config.condition, config.source.num_classes)
+    _check_pairing(config, len(source))
+    return Conditioner(config.mode, source, config.condition, config.source.num_classes, config.prompts)
+
+
+def check_settings(config: GenerateConfig) -> None:
+    """Settings that only some modes or schedulers take, checked before any work (`dreamshard plan` too)."""
+    mode, prompts = config.mode, config.prompts
+    if config.sampling.eta and config.model.scheduler not in (None, "ddim"):
+        raise UserError(
+            f"sampling.eta = {config.sampling.eta:g} is DDIM's eta, but model.scheduler is {config.model.scheduler}; set model.scheduler: ddim or sampling.eta: 0"
+        )
+    conditioned = ", ".join(CONDITIONED_MODES)
+    if mode not in CONDITIONED_MODES and prompts.pair_items_with:
+        raise UserError(f"prompts.pair_items_with pairs source items with a style axis: it needs a conditioned mode ({conditioned}), not {mode}")
+    if mode not in CONDITIONED_MODES and _classes_templates(prompts):
+        raise UserError(f"{{classes}} names the classes in each sample's source label: it needs a conditioned mode ({conditioned}), not {mode}")
+    if config.condition.init_noise == "stochastic_inversion" and mode not in ("controlnet_seg", "img2img"):
+        raise UserError(f"condition.init_noise stochastic_inversion works in modes controlnet_seg and img2img, not {mode}; set it to random")
 
 
 def open_checked_source(config: SourceConfig | None, mode: str) -> LabelledSource:
@@ -163,9 +247,12 @@ def seg_png(train_ids: np.ndarray) -> bytes:
 
 def _fingerprint(source: LabelledSource, condition: ConditionConfig) -> str:
     """What decides each sample's source item and conditioning: the items in order (by key, so a moved
-    dataset still matches), how labels are read, and the condition settings."""
+    dataset still matches), how labels are read, and the condition settings (init_noise only when not
+    random, so runs made before it existed keep their fingerprint). Which item a sample takes also depends
+    on prompts.pair_items_with, which the plan fingerprint holds."""
     settings = source.config.model_dump(mode="json", exclude={"root", "scan"})
-    content = {"source": settings, "keys": [item.key for item in source.items], "condition": condition.model_dump(mode="json")}
+    exclude = {"init_noise"} if condition.init_noise == "random" else None
+    content = {"source": settings, "keys": [item.key for item in source.items], "condition": condition.model_dump(mode="json", exclude=exclude)}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -174,8 +261,27 @@ def _check_strengths(mode: str, condition: ConditionConfig) -> None:
         _valid_strength(condition.strength, "condition.strength")
     for value, strength in condition.strength_by_style.items():
         _valid_strength(strength, f"condition.strength_by_style[{value!r}]")
-    if mode == "img2img" and condition.strength is None:
-        raise UserError("mode img2img needs condition.strength (how far to noise the source, e.g. 0.75; DIDEX uses 0.9)")
+    if mode in ("img2img", "depth2img") and condition.strength is None:
+        raise UserError(f"mode {mode} needs condition.strength (how far to noise the source, e.g. 0.75; DIDEX uses 0.9)")
+
+
+def _check_pairing(config: GenerateConfig, items: int) -> None:
+    axis = config.prompts.pair_items_with
+    if axis is None:
+        return
+    values = len(config.prompts.styles.get(axis, ())) or 1
+    if config.run.num_samples != items * values:
+        raise UserError(
+            f"run.num_samples is {config.run.num_samples}, but prompts.pair_items_with {axis} makes every one of the {items} source items once with each of "
+            f"the {values} values: set run.num_samples to {items * values} (or change source.limit)"
+        )
+
+
+def _classes_templates(prompts: PromptsConfig) -> frozenset[str]:
+    """The template texts that print {classes} (filled per sample from its source label)."""
+    if prompts.recipe != "templates":
+        return frozenset()
+    return frozenset(t.text for n, t in enumerate(prompts.templates) if "classes" in placeholders(t.text, f"prompts.templates[{n}]"))
 
 
 def _check_strength_settings(config: GenerateConfig) -> None:

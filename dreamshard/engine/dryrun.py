@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from dreamshard.config import GenerateConfig
+from dreamshard.engine.conditioned import check_settings
 from dreamshard.engine.models import model_identity
 from dreamshard.engine.plan import build_plan
 from dreamshard.engine.run import _differing, _digest, _resolved, fingerprint_parts
@@ -40,6 +41,7 @@ class PlanReport:
 def dry_run(config: GenerateConfig, out: str | None = None, num_samples: int | None = None, first: int = 10) -> PlanReport:
     config = _resolved(config, out, num_samples)
     plan = build_plan(config.prompts, config.sampling, config.run.seed)
+    check_settings(config)
     counts = shard_counts(config.run.num_samples, config.output.samples_per_shard)
     counted = min(config.run.num_samples, COUNT_LIMIT)
     specs = plan.specs(0, counted)

@@ -2,8 +2,9 @@
 txt2img mode, batching, and the sample record each sample carries (built once, from its spec and the run's
 generation settings).
 
-A per-mode function takes (pipe, specs sharing steps/guidance/size, stamp) and returns ShardSamples in the
-order of the specs; `conditioned.Conditioner.generate` is the one of img2img and controlnet_seg.
+A per-mode function takes (pipe, specs sharing steps/guidance/size, stamp, **sampler) and returns
+ShardSamples in the order of the specs; `sampler` holds the pipeline arguments that come from the sampling
+config (`eta`); `conditioned.Conditioner.generate` is the one of the conditioned modes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from dreamshard.engine.plan import SampleSpec
+from dreamshard.errors import UserError
 from dreamshard.format.shards import ShardSample
 
 
@@ -33,10 +35,15 @@ class SampleStamp:
         return {**spec.metadata(), **self.fields, "style": style, **per_sample}
 
 
-def call_pipeline(pipe, specs: list[SampleSpec], **conditioning):
+def seeded_generators(specs: list[SampleSpec]) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded from the plan."""
+    return [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
+
+
+def call_pipeline(pipe, specs: list[SampleSpec], generators: list[torch.Generator] | None = None, **conditioning):
     """One pipeline call for specs sharing (steps, guidance, size): each sample draws its noise from its own
-    CPU generator seeded from the plan, so its image does not depend on its batch neighbours (and is the same
-    on any device). Returns the PIL images."""
+    CPU generator seeded from the plan (`generators`, or fresh ones), so its image does not depend on its
+    batch neighbours (and is the same on any device). Returns the PIL images."""
     first = specs[0]
     if "width" in inspect.signature(pipe.__call__).parameters:  # img2img pipelines take the size of their image
         conditioning = {"width": first.width, "height": first.height, **conditioning}
@@ -45,15 +52,28 @@ def call_pipeline(pipe, specs: list[SampleSpec], **conditioning):
         negative_prompt=[spec.negative_prompt for spec in specs],
         num_inference_steps=first.steps,
         guidance_scale=first.guidance_scale,
-        generator=[torch.Generator("cpu").manual_seed(spec.seed) for spec in specs],
+        generator=generators or seeded_generators(specs),
         output_type="pil",
         **conditioning,
     ).images
 
 
-def txt2img(pipe, specs: list[SampleSpec], stamp: SampleStamp) -> list[ShardSample]:
-    images = call_pipeline(pipe, specs)
+def txt2img(pipe, specs: list[SampleSpec], stamp: SampleStamp, **sampler) -> list[ShardSample]:
+    images = call_pipeline(pipe, specs, **sampler)
     return [ShardSample(metadata=stamp(spec), image=image) for spec, image in zip(specs, images)]
+
+
+def sampler_arguments(eta: float) -> dict[str, Any]:
+    """The pipeline arguments that come from the sampling config."""
+    return {"eta": eta}
+
+
+def check_scheduler_takes_eta(scheduler, eta: float) -> None:
+    """diffusers passes eta only to schedulers whose step takes it (DDIM) and drops it silently otherwise."""
+    if eta and "eta" not in inspect.signature(scheduler.step).parameters:
+        raise UserError(
+            f"sampling.eta = {eta:g} is DDIM's eta, but the pipeline's scheduler is {type(scheduler).__name__}; set model.scheduler: ddim or sampling.eta: 0"
+        )
 
 
 # mode -> per-mode function; conditioned modes bring theirs (conditioned.Conditioner.generate).

@@ -242,6 +242,8 @@ def _for_mode(pipe, mode: str, model: ModelConfig, dtype: torch.dtype):
         from diffusers import StableDiffusionImg2ImgPipeline
 
         return StableDiffusionImg2ImgPipeline(**pipe.components)
+    if mode == "depth2img":
+        return _depth2img(pipe, model, dtype)
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
     if not model.controlnet:
@@ -254,3 +256,31 @@ def _for_mode(pipe, mode: str, model: ModelConfig, dtype: torch.dtype):
         raise UserError(f"cannot load ControlNet {model.controlnet!r}: {one_line(exc)}") from None
     components = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
     return StableDiffusionControlNetPipeline(**components, controlnet=controlnet)
+
+
+def _depth2img(pipe, model: ModelConfig, dtype: torch.dtype):
+    """SD-2-depth's depth-to-image pipeline on the loaded components, with the model's depth estimator (DPT,
+    `depth_estimator/`) and its image processor (`feature_extractor/`)."""
+    from diffusers import StableDiffusionDepth2ImgPipeline
+    from transformers import DPTForDepthEstimation, DPTImageProcessor
+
+    channels = pipe.unet.config.in_channels
+    if channels != 5:
+        raise UserError(
+            f"mode depth2img needs a depth-to-image model whose UNet takes 4 latent + 1 depth channels (e.g. stabilityai/stable-diffusion-2-depth); "
+            f"the UNet of {model.path} takes {channels}"
+        )
+    base, _ = resolve_model_path(model)
+    options = dict(local_files_only=model.local_files_only, revision=model.revision)
+    try:
+        depth_estimator = DPTForDepthEstimation.from_pretrained(base, subfolder="depth_estimator", dtype=dtype, **options)
+        processor = pipe.feature_extractor
+        if not isinstance(processor, DPTImageProcessor):
+            processor = DPTImageProcessor.from_pretrained(base, subfolder="feature_extractor", **options)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"cannot load the depth estimator of {model.path!r} ({one_line(exc)}); mode depth2img needs its depth_estimator/ and feature_extractor/ "
+            "(a tiny one: `dreamshard tiny-model OUT --preset tiny-depth`)"
+        ) from None
+    components = {name: pipe.components[name] for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    return StableDiffusionDepth2ImgPipeline(**components, depth_estimator=depth_estimator, feature_extractor=processor)

@@ -18,6 +18,10 @@ Recipes (`prompts.recipe`):
   A sample whose template has no `{cls}` records no class (`""`, -1) and is not counted for balancing;
   likewise `style` records only the axes the sample's template prints, so the metadata says what the
   prompt says. An axis no template uses is allowed (and never recorded).
+  `pair_items_with: AXIS` replaces that axis's draw by `values[i mod V]`: with the conditioner taking source
+  item `i // V` (`source_group`), samples 0..items*V-1 hold every (item, value) pair once, item by item, so
+  any prefix of whole items is balanced over the values. `{classes}` stays in the prompt as written; the
+  conditioner fills it from the sample's source label (the plan never reads the source).
 - `file` (CLOUDS): sample i takes row `i mod len(file)`, verbatim; jsonl/parquet columns other than the
   prompt go to `extra`, with the row number as `extra["file_row"]`.
 """
@@ -35,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from dreamshard.config import PromptsConfig, SamplingConfig
-from dreamshard.engine.prompts import PromptFile, Template, check_classes, check_templates, read_prompt_file
+from dreamshard.engine.prompts import CLASSES_PLACEHOLDER, PromptFile, Template, check_classes, check_templates, read_prompt_file
 from dreamshard.errors import UserError
 
 # Bump when the derivation below changes, so old runs' fingerprints no longer match.
@@ -77,6 +81,7 @@ class Plan:
         self.width, self.height = _size(sampling.width, "width"), _size(sampling.height, "height")
         self.steps_range = _steps_range(sampling.steps)
         self.guidance_range = _guidance_range(sampling.guidance_scale)
+        self.eta = sampling.eta
         self.negative_prompt = prompts.negative_prompt
         self.file: PromptFile | None = None
         self.templates: list[Template] = []
@@ -90,6 +95,7 @@ class Plan:
         self.class_weights = check_classes(prompts) if self.uses_class else []
         self.balance = prompts.balance
         self.styles = {axis: list(values) for axis, values in prompts.styles.items()}
+        self.pair_axis = _pair_axis(prompts, self.templates)
         self._template_axes = [tuple(name for name in t.fields if name in self.styles) for t in self.templates]
         self._template_cum = np.cumsum([template.weight for template in self.templates])
         self._class_cum = np.cumsum(self.class_weights)
@@ -141,15 +147,13 @@ class Plan:
             ]
         template_ids = self._template_ids(index)
         class_ids = self._class_ids(index, template_ids)
-        style_values = {
-            axis: [values[k] for k in (self._draw(f"style:{axis}", index) % np.uint64(len(values))).tolist()] for axis, values in self.styles.items()
-        }
+        style_values = {axis: [values[k] for k in self._style_ids(axis, index)] for axis, values in self.styles.items()}
         specs = []
         for n, (i, seed, steps, guidance) in enumerate(common):
             template, class_id = self.templates[template_ids[n]], class_ids[n]
             class_name = self.classes[class_id] if class_id >= 0 else ""
             style = {axis: style_values[axis][n] for axis in self._template_axes[template_ids[n]]}
-            prompt = template.fill({"token": self.token, "cls": class_name, **style})
+            prompt = template.fill({"token": self.token, "cls": class_name, **style, "classes": CLASSES_PLACEHOLDER})
             specs.append(
                 SampleSpec(
                     index=i,
@@ -185,6 +189,11 @@ class Plan:
         x = (x ^ (x >> _S30)) * _MIX1
         x = (x ^ (x >> _S27)) * _MIX2
         return x ^ (x >> _S31)
+
+    def _style_ids(self, axis: str, index: np.ndarray) -> list[int]:
+        """Value index of a style axis per sample: drawn, or i mod V for the axis paired with source items."""
+        count = np.uint64(len(self.styles[axis]))
+        return ((index if axis == self.pair_axis else self._draw(f"style:{axis}", index)) % count).tolist()
 
     def _steps(self, index: np.ndarray) -> list[int]:
         low, high = self.steps_range
@@ -250,6 +259,8 @@ class Plan:
                 "templates": [{"text": t.text, "weight": t.weight, "negative_prompt": t.negative_prompt} for t in self.templates],
                 "styles": self.styles,
             }
+            if self.pair_axis:  # only when set, so the fingerprints of runs made before the option stay valid
+                inputs["pair_items_with"] = self.pair_axis
             if self.uses_class:
                 inputs |= {"classes": self.classes, "class_weights": self.class_weights, "balance": self.balance}
         inputs["sampling"] = {
@@ -258,6 +269,8 @@ class Plan:
             "steps": list(self.steps_range),
             "guidance_scale": list(self.guidance_range),
         }
+        if self.eta:  # likewise: eta 0 was the only value before sampling.eta existed
+            inputs["sampling"]["eta"] = self.eta
         return inputs
 
 
@@ -267,7 +280,28 @@ def build_plan(prompts: PromptsConfig, sampling: SamplingConfig, seed: int) -> P
     return Plan(prompts, sampling, seed)
 
 
+def source_group(prompts: PromptsConfig) -> int:
+    """How many consecutive samples take the same source item (item = (i // group) mod items): the number of
+    values of the axis paired with the items, else 1."""
+    return len(prompts.styles[prompts.pair_items_with]) if prompts.pair_items_with else 1
+
+
 # ------------------------------------------------------------------------------------------- helpers
+
+
+def _pair_axis(prompts: PromptsConfig, templates: list[Template]) -> str | None:
+    axis = prompts.pair_items_with
+    if axis is None:
+        return None
+    if prompts.recipe != "templates":
+        raise UserError("prompts.pair_items_with needs recipe 'templates' (it pairs source items with a style axis)")
+    if axis not in prompts.styles:
+        known = ", ".join(prompts.styles) or "(none defined)"
+        raise UserError(f"prompts.pair_items_with {axis!r} is not a prompts.styles axis; axes: {known}")
+    for number, template in enumerate(templates):
+        if template.weight > 0 and axis not in template.fields:
+            raise UserError(f"prompts.templates[{number}] {template.text!r} does not print {{{axis}}}; with pair_items_with every template must")
+    return axis
 
 
 def _size(value: int, name: str) -> int:

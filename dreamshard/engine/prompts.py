@@ -4,7 +4,9 @@ Pure functions, no randomness: `dreamshard.engine.plan` decides which template /
 sample gets; this module checks the recipe's text up front and fills it in.
 
 Placeholders are plain `{name}` fields: `{token}` (the personalisation identifier, e.g. `sks`), `{cls}`
-(the sample's class) and the name of any style axis (e.g. `{weather}`). `{{` and `}}` are literal braces.
+(the sample's class), the name of any style axis (e.g. `{weather}`) and `{classes}`, the classes present in
+the sample's source label (conditioned modes; the plan leaves it as written and the conditioner fills it
+in, see `classes_text`). `{{` and `}}` are literal braces.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dreamshard.config import PromptsConfig
 from dreamshard.errors import UserError, one_line
 
-RESERVED_PLACEHOLDERS = ("token", "cls")
+RESERVED_PLACEHOLDERS = ("token", "cls", "classes")
+CLASSES_PLACEHOLDER = "{classes}"
 PROMPT_FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
@@ -36,6 +41,10 @@ class Template:
     @property
     def uses_class(self) -> bool:
         return "cls" in self.fields
+
+    @property
+    def uses_classes(self) -> bool:
+        return "classes" in self.fields
 
     def fill(self, values: dict[str, str]) -> str:
         return self.text.format_map(values)
@@ -105,7 +114,7 @@ def check_styles(styles: dict[str, list[str]]) -> None:
     for axis, values in styles.items():
         if not axis.isidentifier() or axis in RESERVED_PLACEHOLDERS:
             raise UserError(
-                f"prompts.styles: axis name {axis!r} must be an identifier other than {' and '.join(RESERVED_PLACEHOLDERS)}, e.g. weather or time_of_day"
+                f"prompts.styles: axis name {axis!r} must be an identifier other than {', '.join(RESERVED_PLACEHOLDERS)}, e.g. weather or time_of_day"
             )
         if not values:
             raise UserError(f"prompts.styles.{axis} is empty; list its values, e.g. [rainy, snowy, foggy]")
@@ -133,6 +142,13 @@ def check_classes(prompts: PromptsConfig) -> list[float]:
     if not any(weight > 0 for weight in weights):
         raise UserError("prompts.class_weights: every class has weight 0; give at least one a positive weight")
     return weights
+
+
+def classes_text(train_ids, names) -> str:
+    """DIDEX's content prompt: the names of the classes present in a label (any pixel, 255 ignored), in
+    train-id order, joined by ", " (e.g. "road, sidewalk, building, car")."""
+    counts = np.bincount(np.asarray(train_ids, dtype=np.uint8).ravel(), minlength=256)
+    return ", ".join(names[i] for i in np.flatnonzero(counts[: len(names)]))
 
 
 def check_weight(weight: float, where: str) -> None:

@@ -107,7 +107,7 @@ def generate(
             "(raise output.samples_per_shard or lower num_samples)"
         )
     plan = build_plan(config.prompts, config.sampling, config.run.seed)
-    conditioner = conditioner_for(config)  # img2img / controlnet_seg: the source is pre-scanned here
+    conditioner = conditioner_for(config)  # conditioned modes: the source is pre-scanned here
     model_info = model_identity(config.model)
     parts = fingerprint_parts(config, plan, model_info, conditioner)
     fingerprints = {name: value if isinstance(value, str) else _digest(value) for name, value in parts.items()}
@@ -228,7 +228,7 @@ def fingerprint_parts(config: GenerateConfig, plan: Plan, model_info: dict, cond
         "layout": {"samples_per_shard": config.output.samples_per_shard, "image_format": config.output.image_format,
                    "quality": config.output.quality},
     }  # fmt: skip
-    if conditioner is not None:  # img2img / controlnet_seg: which source items, and how they condition samples
+    if conditioner is not None:  # conditioned modes: which source items, and how they condition samples
         parts["source"] = conditioner.fingerprint
     return parts
 

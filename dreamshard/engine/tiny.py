@@ -5,6 +5,8 @@ Presets:
 - `sd15`: the Stable Diffusion 1.5 architecture (UNet, VAE, CLIP ViT-L/14 text encoder: same shapes,
   random weights), so benchmarks measure real compute without the real weights.
 - `tiny-controlnet`: a `ControlNetModel` directory that matches the `tiny` UNet (conditioned modes).
+- `tiny-depth`: a `StableDiffusionDepth2ImgPipeline` with SD-2-depth's layout (a UNet taking 5 input channels:
+  4 latent + 1 depth) and its own tiny DPT depth estimator and image processor (mode depth2img).
 
 The tokenizer is a real `CLIPTokenizer` whose vocabulary is built here: every byte-level character plus
 whole-word tokens (with the merges that form them) for a built-in word list, so common prompt words are
@@ -21,7 +23,7 @@ import torch
 
 from dreamshard.format.store import atomic_path
 
-PRESETS = ("tiny", "sd15", "tiny-controlnet")
+PRESETS = ("tiny", "sd15", "tiny-controlnet", "tiny-depth")
 
 # Words that get a single token: prompt vocabulary of the published recipes (classes, styles, templates).
 _WORDS = """a an the of in on at with and or photo picture image scene view street city urban road
@@ -48,6 +50,9 @@ def build_tiny_model(out: str | Path, preset: str = "tiny", seed: int = 0) -> Pa
 
             controlnet = ControlNetModel.from_unet(_unet("tiny"), conditioning_embedding_out_channels=(8, 8, 16, 16))
             controlnet.save_pretrained(tmp, safe_serialization=True)
+        elif preset == "tiny-depth":
+            with tempfile.TemporaryDirectory() as tokenizer_dir:
+                _tiny_depth_pipeline(tokenizer_dir).save_pretrained(tmp, safe_serialization=True)
         else:
             from diffusers import StableDiffusionPipeline
 
@@ -67,6 +72,38 @@ def build_tiny_model(out: str | Path, preset: str = "tiny", seed: int = 0) -> Pa
 
 
 # ----------------------------------------------------------------------------------------- components
+
+
+def _tiny_depth_pipeline(tokenizer_dir: str):
+    """SD-2-depth's components at tiny size: the `tiny` VAE, text encoder, tokenizer and scheduler, a UNet
+    whose input is the latent plus the depth map (5 channels), and a small DPT (ViT, not SD-2's DPT-Hybrid)
+    with the image processor the pipeline feeds it through."""
+    from diffusers import StableDiffusionDepth2ImgPipeline, UNet2DConditionModel
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    unet = UNet2DConditionModel.from_config(_unet("tiny").config, in_channels=5)
+    depth = DPTConfig(
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=32,
+        patch_size=8,
+        backbone_out_indices=[0, 1, 2, 3],
+        neck_hidden_sizes=[8, 8, 16, 16],
+        fusion_hidden_size=16,
+        reassemble_factors=[4, 2, 1, 0.5],
+    )
+    processor = DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False)
+    return StableDiffusionDepth2ImgPipeline(
+        vae=_vae("tiny"),
+        text_encoder=_text_encoder("tiny"),
+        tokenizer=build_tokenizer(tokenizer_dir),
+        unet=unet,
+        scheduler=_scheduler(),
+        depth_estimator=DPTForDepthEstimation(depth),
+        feature_extractor=processor,
+    )
 
 
 def _unet(preset: str):

@@ -23,7 +23,7 @@ import torch
 
 from dreamshard.config import GenerateConfig
 from dreamshard.engine.conditioned import Conditioner
-from dreamshard.engine.generation import GENERATORS, SampleStamp, batches
+from dreamshard.engine.generation import GENERATORS, SampleStamp, batches, check_scheduler_takes_eta, sampler_arguments
 from dreamshard.engine.models import load_pipeline
 from dreamshard.engine.plan import SampleSpec
 from dreamshard.errors import RunFailure, UserError
@@ -43,7 +43,7 @@ class GenerationWorker:
         name: str,
         model_info: dict,
         torch_threads: int | None = None,
-        conditioner: Conditioner | None = None,  # img2img / controlnet_seg: its generate() is the per-mode function
+        conditioner: Conditioner | None = None,  # conditioned modes: its generate() is the per-mode function
     ) -> None:
         self.config, self.store, self.name = config, Store(out), f"{name}@{socket.gethostname()}"
         self._progress = (-1, 0)  # (shard being generated, images generated in it), for the driver
@@ -58,12 +58,14 @@ class GenerationWorker:
         load_started = time.perf_counter()
         try:
             self.pipe = load_pipeline(config.model, config.mode)
+            check_scheduler_takes_eta(self.pipe.scheduler, config.sampling.eta)
         except Exception as exc:  # surfaced by ready(): the driver stops instead of restarting a doomed worker
             self._load_error = exc
             return
         self._load_seconds = time.perf_counter() - load_started
         generation = {"scheduler": config.model.scheduler or type(self.pipe.scheduler).__name__, "model": model_info, "mode": config.mode}
         self._stamp = SampleStamp(generation, tuple(config.prompts.styles))
+        self._sampler = sampler_arguments(config.sampling.eta)
 
     def ready(self) -> dict:
         """Where this worker runs and how long its model took to load (raises the load error, if any)."""
@@ -107,7 +109,7 @@ class GenerationWorker:
         self._progress = (shard, 0)
         for batch in batches(specs, self.config.run.batch_size):
             started = time.perf_counter()
-            samples = generate(self.pipe, batch, self._stamp)
+            samples = generate(self.pipe, batch, self._stamp, **self._sampler)
             seconds = round((time.perf_counter() - started) / len(batch), 4)
             for sample in samples:
                 sample.metadata.update(worker=self.name, seconds=seconds)  # run facts: index Parquet only
