@@ -254,8 +254,10 @@ def train(
 
     summary = run_train(load_config(config, TrainConfig, sets), restart=restart)
     if summary["mIoU"] is not None:
+        best = summary["best"]
+        best_text = f"; best {100 * best['mIoU']:.2f} at iteration {best['iteration']} ({best['checkpoint']})" if best else ""
         console.print(
-            f"{summary['output']}: mIoU {100 * summary['mIoU']:.2f} after {summary['iterations']} iterations ({summary['wall_s']:.0f} s)",
+            f"{summary['output']}: mIoU {100 * summary['mIoU']:.2f} after {summary['iterations']} iterations{best_text} ({summary['wall_s']:.0f} s)",
             highlight=False,
             markup=False,
         )

@@ -218,7 +218,7 @@ class PersonalizeTrainConfig(Strict):
     batch_size: int = Field(1, gt=0)
     gradient_accumulation: int = Field(1, gt=0)
     resolution: int = Field(512, gt=0, multiple_of=8)  # square crop size (SD's VAE downsamples 8x)
-    resize: int | None = Field(None, gt=0)  # shorter side before the random crop; None: = resolution
+    resize: int | None = Field(None, gt=0)  # instance images: shorter side before the random crop; None: = resolution (class images: native size)
     flip: bool = False  # random horizontal flip
     train_text_encoder: bool = True  # full: fine-tune it too; lora: add LoRA layers to it too
     lora_rank: int = Field(4, gt=0)
@@ -290,13 +290,39 @@ class TrainDataConfig(Strict):
 
 
 class TrainModelConfig(Strict):
-    backbone: str = "resnet101"  # any timm model with features_only (resnet*, convnext*, pvt_v2_*)
-    pretrained: str | None = None  # local weights file (.safetensors/.pth) for the backbone; no hub access
-    decoder: Literal["daformer", "segformer"] = "daformer"
-    embed_dim: int = Field(256, ge=8)
+    """The segmenter: a backbone (a SegFormer MiT encoder `mit_b0`..`mit_b5`, or any timm model with
+    features_only: resnet*, convnext*, pvt_v2_*) and a decode head.
+
+    `pretrained` must be given: the backbone's (ImageNet) weights, or the word `none` for a random
+    initialisation (the toy configs; UDA results from random backbones are far below the papers'). Weights:
+    a local file (.safetensors; timm backbones also .pth), or for mit_* a model directory or a hub id in the
+    Hugging Face cache (e.g. nvidia/mit-b5; the hub itself only with local_files_only: false).
+    """
+
+    backbone: str = "resnet101"
+    pretrained: str | None = None  # weights file / directory / hub id, or "none"; unset is an error at train time
+    local_files_only: bool = True  # mit_* hub ids: read the Hugging Face cache only, never the network
+    decoder: Literal["daformer", "segformer", "deeplabv2"] = "daformer"
+    # ASPP rates; None: the decoder's own (daformer 1/6/12/18, deeplabv2 6/12/18/24). DAFormer's and DATUM's
+    # DeepLabV2 ("dlv2red") keeps only [6, 12], as earlier UDA work did.
+    dilations: list[int] | None = None
+    embed_dim: int = Field(256, ge=8)  # daformer / segformer channels (deeplabv2 classifies the last stage directly)
     dropout: float = Field(0.1, ge=0, lt=1)
     num_classes: int = Field(19, ge=2, le=255)
     class_names: list[str] = []  # empty: the 19 Cityscapes classes, or class0..N-1
+
+    @property
+    def random_init(self) -> bool:
+        return self.pretrained is not None and self.pretrained.strip().lower() == "none"
+
+    @model_validator(mode="after")
+    def _dilations_fit(self) -> TrainModelConfig:
+        if self.dilations is not None:
+            if self.decoder == "segformer":
+                raise ValueError("dilations apply to the daformer and deeplabv2 decoders only (segformer fuses with a 1x1 conv)")
+            if not self.dilations or min(self.dilations) < 1:
+                raise ValueError("dilations must be a non-empty list of rates >= 1, e.g. [6, 12, 18, 24]")
+        return self
 
 
 class RCSConfig(Strict):
@@ -309,7 +335,8 @@ class RCSConfig(Strict):
 
 
 class FDConfig(Strict):
-    """ImageNet Feature Distance on thing classes (needs `model.pretrained`)."""
+    """ImageNet Feature Distance on thing classes: keeps the last backbone stage close to the pretrained
+    backbone's features, so it needs `model.pretrained` weights (refused with `pretrained: none`)."""
 
     enabled: bool = False
     weight: float = 0.005
@@ -374,7 +401,7 @@ class TrainConfig(Strict):
     seed: int = 0
     max_iters: int = Field(40000, ge=1)
     log_interval: int = Field(50, ge=1)
-    eval_interval: int = Field(4000, ge=0)  # 0: evaluate only at the end
+    eval_interval: int = Field(4000, ge=0)  # 0: evaluate only at the end; the best evaluation is kept in checkpoints/best
     checkpoint_interval: int = Field(4000, ge=0)  # 0: checkpoint only at the end
     keep_checkpoints: int = Field(2, ge=1)
     resume: bool = True  # continue from the newest checkpoint in output/checkpoints
@@ -397,6 +424,11 @@ class TrainConfig(Strict):
             raise ValueError("method source_only needs data.source")
         if self.method == "supervised_synthetic" and data.target is None:
             raise ValueError("method supervised_synthetic needs data.target (shards carrying seg.png)")
+        if self.method == "dacs" and self.uda.fd.enabled and self.model.random_init:
+            raise ValueError(
+                "uda.fd.enabled needs pretrained backbone weights (model.pretrained), but it is 'none': the feature distance would pull "
+                "toward random features; give model.pretrained or set uda.fd.enabled: false"
+            )
         # Folder datasets holding train ids accept exactly the model's classes unless told otherwise.
         for domain in (data.source, data.target, data.val):
             if domain and domain.folder and "num_classes" not in domain.folder.model_fields_set:
@@ -537,6 +569,8 @@ def describe_error(schema: type[BaseModel], exc: ValidationError, source: str) -
         return f"{source}: unknown key '{key}'{hint}{extra}"
     if err["type"] == "missing":
         return f"{source}: key '{key}' is required{extra}"
+    if err["type"] == "value_error" and not loc:  # a check across sections: its message names the keys
+        return f"{source}: {err['msg'].removeprefix('Value error, ')}{extra}"
     return f"{source}: key '{key}': {err['msg']} (got {_short(err.get('input'))}){extra}"
 
 

@@ -1,5 +1,7 @@
 """Config loading: strict keys, --set overrides, one-line errors."""
 
+from pathlib import Path
+
 import pytest
 
 from dreamshard.config import GenerateConfig, apply_overrides, load_config, parse_overrides
@@ -70,3 +72,26 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(write(tmp_path, "run: [unclosed\n"), GenerateConfig)
     with pytest.raises(ConfigError, match="mapping"):
         load_config(write(tmp_path, "- a\n- b\n"), GenerateConfig)
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def schema_of(data: dict):
+    from dreamshard.config import PersonalizeConfig, StudyConfig, TrainConfig
+
+    if "method" in data:
+        return TrainConfig
+    if "sizes" in data:
+        return StudyConfig
+    if "instance" in data or "prior" in data:
+        return PersonalizeConfig
+    return GenerateConfig
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    load_config(path, schema_of(data))

@@ -15,7 +15,7 @@ from dreamshard.config import GenerateConfig, ModelConfig, PersonalizeConfig, va
 from dreamshard.engine.models import load_pipeline
 from dreamshard.engine.tiny import build_tiny_model
 from dreamshard.personalize import dreambooth as personalize_module
-from dreamshard.personalize.dreambooth import LORA_WEIGHTS, TRAINING_STATE, personalize, read_train_log
+from dreamshard.personalize.dreambooth import LORA_WEIGHTS, TRAINING_STATE, load_images, personalize, random_crop, read_train_log, resize_shorter_side
 
 RESOLUTION = 64
 LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out", "q_proj", "k_proj", "v_proj", "out_proj")
@@ -184,13 +184,15 @@ def test_resume_after_interruption_continues_at_the_checkpoint(assets, lora_out,
 
 
 @pytest.mark.slow
-def test_generate_a_shard_from_the_lora_output(lora_out, tmp_path):
+def test_generate_a_shard_from_a_checkpoint_of_the_lora_output(lora_out, tmp_path):
+    """An intermediate OUT/checkpoint-STEP/ is a model path for generate (DATUM generates from step 200);
+    the final OUT itself is generated from in the test below."""
     from dreamshard.engine.run import generate
 
     config = validate(
         GenerateConfig,
         {
-            "model": {"path": str(lora_out)},
+            "model": {"path": str(lora_out / "checkpoint-2")},
             "sampling": {"width": RESOLUTION, "height": RESOLUTION, "steps": 2},
             "output": {"path": str(tmp_path / "run"), "samples_per_shard": 2, "image_format": "png"},
             "run": {"num_samples": 2, "batch_size": 2, "workers": 1},
@@ -245,6 +247,28 @@ def pq_rows(run) -> list[dict]:
     import pyarrow.parquet as pq
 
     return pq.read_table(run / "manifest.parquet").to_pylist()
+
+
+def test_class_images_are_cropped_at_native_size_instance_images_resized(assets, tmp_path):
+    """Prior preservation: class images (generated at the crop size) are not resized to train.resize first,
+    so a crop is a window of the image, not a 2x zoom of it (DATUM crops class images at native size);
+    instance images still get the shorter-side resize."""
+    out = tmp_path / "out"
+    (out / "class_images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    natives = [rng.integers(0, 256, size, dtype=np.uint8) for size in ((64, 64, 3), (72, 96, 3), (48, 56, 3))]
+    for index, pixels in enumerate(natives):
+        Image.fromarray(pixels).save(out / "class_images" / f"{index:05d}.png")
+    config = make_config(assets, out, resize=128, prior={"enabled": True, "num_images": 3})
+    images = personalize_module._class_images(config, out, personalize_module._accelerator("no", 1))  # the cached files: nothing generated
+    assert [tuple(image.shape) for image in images] == [(3, 64, 64), (3, 72, 96), (3, 64, 75)]  # the last is smaller than the crop: resized up
+    as_pixels = [((image + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy() for image in images]
+    assert np.array_equal(as_pixels[0], natives[0]) and np.array_equal(as_pixels[1], natives[1])
+    crop = random_crop(images[1], RESOLUTION, False, torch.Generator().manual_seed(1))
+    windows = [images[1][:, top : top + RESOLUTION, left : left + RESOLUTION] for top in range(9) for left in range(33)]
+    assert any(torch.equal(crop, window) for window in windows)
+    instance = resize_shorter_side(load_images(str(assets["images"]))[0], config.train.resize)
+    assert min(instance.shape[1:]) == 128  # the 80x96 target image, resized to train.resize
 
 
 # ------------------------------------------------------------------------------------------ bad input

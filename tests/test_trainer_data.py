@@ -153,7 +153,7 @@ def test_train_on_unusable_target_is_one_line_exit_1(run_dir, tmp_path, case, me
     config = {
         "method": "supervised_synthetic", "output": {"path": str(tmp_path / "out")}, "max_iters": 5, "progress": False,
         "data": {"target": {"shards": {"path": path, "shuffle_buffer": 0}}, "crop_size": [8, 8], "batch_size": 2, "workers": 2},
-        "model": {"backbone": "test_resnet", "embed_dim": 8, "num_classes": 3},
+        "model": {"backbone": "test_resnet", "pretrained": "none", "embed_dim": 8, "num_classes": 3},
     }  # fmt: skip
     (tmp_path / "train.yaml").write_text(json.dumps(config))
     started = time.perf_counter()
@@ -212,7 +212,7 @@ def test_supervised_synthetic_on_labelled_shards_evaluated_on_shards(tmp_path):
     config = TrainConfig(
         method="supervised_synthetic", output={"path": str(tmp_path / "out")}, max_iters=2, progress=False,
         data={"target": shards, "val": shards, "crop_size": (16, 16), "batch_size": 2, "workers": 0},
-        model={"backbone": "test_resnet", "decoder": "segformer", "embed_dim": 8, "num_classes": 3},
+        model={"backbone": "test_resnet", "pretrained": "none", "decoder": "segformer", "embed_dim": 8, "num_classes": 3},
         optim={"warmup_iters": 0, "grad_accum": 2},
     )  # fmt: skip
     summary = train(config)

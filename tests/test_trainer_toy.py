@@ -57,7 +57,7 @@ def test_resume_checkpoint_eval_and_bad_input(toy, tmp_path):
     assert first["resumed_from"] == 0 and (out / "checkpoints" / "iter_0000002" / "teacher.safetensors").is_file()
     second = train(toy_config(toy, out, "dacs", max_iters=3, **small))
     assert second["resumed_from"] == 2 and second["ranks"][0]["steps"] == 1
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_0000002", "iter_0000003"]  # keep 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best", "iter_0000002", "iter_0000003"]  # keep 2, and the best evaluation
     logged = [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged[:2] == [1, 2] and 3 in logged
 
@@ -86,3 +86,38 @@ def test_resume_checkpoint_eval_and_bad_input(toy, tmp_path):
 
     result = runner.invoke(app, ["train", config, *sets, "--set", "model.num_classes=3", "--set", "model.class_names=[]", "--set", f"output.path={tmp_path}/y"])
     assert result.exit_code == 2 and "not in the train_ids map" in result.output  # toy labels hold ids 0..4
+
+
+def val_mious(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: r["val/mIoU"] for r in records if "val/mIoU" in r}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone, decoder", [("mit_b0", "daformer"), ("test_resnet", "deeplabv2")])
+def test_backbone_and_decoder_train_evaluate_and_keep_the_best(toy, tmp_path, backbone, decoder):
+    """A cheap train + evaluate smoke per new backbone / decoder (the DACS-vs-source-only margins for them are
+    measured by bench/bench_toy_shift.py, docs/benchmarks.md); the best of several evaluations is kept next to
+    the last, survives a resume and is what `dreamshard eval` reads back."""
+    out = tmp_path / "run"
+    small = {"model.backbone": backbone, "model.decoder": decoder, "model.embed_dim": 16, "data.batch_size": 2, "data.crop_size": "[32, 32]"}
+    small |= {"eval_interval": 2, "checkpoint_interval": 2, "log_interval": 1, "data.val.folder.limit": 16}
+    first = train(toy_config(toy, out, "dacs", max_iters=4, **small))
+    summary = train(toy_config(toy, out, "dacs", max_iters=6, **small))  # resumed at 4: one more evaluation
+    assert summary["resumed_from"] == 4 and first["best"]["iteration"] in (2, 4)
+    mious = val_mious(out)
+    assert sorted(mious) == [2, 4, 6] and all(0 <= value <= 1 for value in mious.values())
+    best_iteration = max(mious, key=lambda it: (mious[it], -it))  # ties keep the earlier evaluation
+    assert summary["best"]["iteration"] == best_iteration and summary["best"]["mIoU"] == pytest.approx(mious[best_iteration])
+    assert summary["last"] == {**summary["last"], "iteration": 6, "mIoU": summary["mIoU"]} and summary["mIoU"] == pytest.approx(mious[6])
+    assert json.loads((out / "summary.json").read_text())["best"] == summary["best"]
+    best = Path(summary["best"]["checkpoint"])
+    assert json.loads((best / "state.json").read_text())["iteration"] == best_iteration
+    assert [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("iter_")] == ["best"]
+
+    config = str(ROOT / "configs" / "toy_dacs.yaml")
+    shaping = {k: v for k, v in small.items() if k.startswith(("model.", "data.val."))}
+    sets = [arg for item in toy_sets(toy, out, "dacs", **shaping) for arg in ("--set", item)]
+    result = CliRunner().invoke(app, ["eval", config, "--checkpoint", str(best), "-o", str(tmp_path / "best.json"), *sets])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "best.json").read_text())["mIoU"] == pytest.approx(summary["best"]["mIoU"])

@@ -58,7 +58,7 @@ def test_class_mix_takes_half_of_each_images_classes_rounded_up_and_never_ignore
 
 
 def test_pseudo_label_quality_weight_and_ignore_margins():
-    model = Segmenter(TrainModelConfig(backbone="test_resnet", decoder="segformer", embed_dim=16, num_classes=4))
+    model = Segmenter(TrainModelConfig(backbone="test_resnet", pretrained="none", decoder="segformer", embed_dim=16, num_classes=4))
     dacs = DACS(model, UDAConfig(pseudo_threshold=0.0, ignore_top=2, ignore_bottom=3), num_classes=4)
     label, weight, quality = dacs.pseudo_label(torch.rand(2, 3, 32, 32))
     assert label.shape == (2, 32, 32) and label.max() < 4
@@ -70,7 +70,7 @@ def test_pseudo_label_quality_weight_and_ignore_margins():
 
 
 def test_ema_teacher_copies_then_follows_alpha_t():
-    model = Segmenter(TrainModelConfig(backbone="test_resnet", decoder="segformer", embed_dim=16, num_classes=4))
+    model = Segmenter(TrainModelConfig(backbone="test_resnet", pretrained="none", decoder="segformer", embed_dim=16, num_classes=4))
     dacs = DACS(model, UDAConfig(alpha=0.999), num_classes=4)
     student_param = next(model.parameters())
     with torch.no_grad():
@@ -112,7 +112,7 @@ def test_downscale_labels_takes_majority_or_ignore():
 
 @pytest.mark.parametrize("decoder", ["daformer", "segformer"])
 def test_segmenter_outputs_stride4_logits_and_head_gets_10x_lr(decoder):
-    model = Segmenter(TrainModelConfig(backbone="test_resnet", decoder=decoder, embed_dim=16, num_classes=5))
+    model = Segmenter(TrainModelConfig(backbone="test_resnet", pretrained="none", decoder=decoder, embed_dim=16, num_classes=5))
     logits, features = model(torch.rand(2, 3, 64, 64), with_features=True)
     assert logits.shape == (2, 5, 16, 16) and len(features) == 4
     groups = head_parameter_groups(model, lr=1e-3, head_lr_mult=10, weight_decay=0.01)
@@ -136,7 +136,7 @@ def test_lr_warmup_then_poly_decay():
 
 def test_dacs_step_with_fd_and_mic_backpropagates_every_loss():
     torch.manual_seed(0)
-    model = Segmenter(TrainModelConfig(backbone="test_resnet", decoder="daformer", embed_dim=16, num_classes=4))
+    model = Segmenter(TrainModelConfig(backbone="test_resnet", pretrained="none", decoder="daformer", embed_dim=16, num_classes=4))
     config = UDAConfig(fd={"enabled": True, "thing_classes": [2, 3], "scale_min_ratio": 0.5}, mic={"enabled": True, "block_size": 8})
     dacs = DACS(model, config, num_classes=4)
     labels = torch.zeros(2, 64, 64, dtype=torch.long)
@@ -155,7 +155,7 @@ def test_dacs_step_with_fd_and_mic_backpropagates_every_loss():
 
 def test_feature_distance_is_weighted_mean_l2_over_thing_pixels():
     torch.manual_seed(0)
-    model = Segmenter(TrainModelConfig(backbone="test_resnet", decoder="daformer", embed_dim=16, num_classes=4)).eval()
+    model = Segmenter(TrainModelConfig(backbone="test_resnet", pretrained="none", decoder="daformer", embed_dim=16, num_classes=4)).eval()
     config = UDAConfig(fd={"enabled": True, "thing_classes": [2], "scale_min_ratio": 0.75, "weight": 0.5})
     dacs = DACS(model, config, num_classes=4)
     images = torch.rand(2, 3, 64, 64)

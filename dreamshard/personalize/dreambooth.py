@@ -73,7 +73,7 @@ def personalize(config: PersonalizeConfig) -> Path:
     if accelerator.is_main_process:
         _claim_output(out, config)
     accelerator.wait_for_everyone()
-    class_images = _class_images(config, out, resize, accelerator)
+    class_images = _class_images(config, out, accelerator)
 
     trainer = Trainer(config, base, out, accelerator, instance_images, class_images)
     eval_images = [center_crop(image, train.resolution) for image in instance_images]
@@ -218,11 +218,22 @@ def _read_image(path: Path) -> Image.Image:
         raise UserError(f"cannot read image {path} ({type(exc).__name__}: {one_line(exc, limit=120)}); replace or remove it") from None
 
 
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    """A (3, H, W) tensor in [-1, 1]."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
 def resize_shorter_side(image: Image.Image, size: int) -> torch.Tensor:
     """A (3, H, W) tensor in [-1, 1] whose shorter side is `size`."""
     scale = size / min(image.size)
-    resized = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC)
-    return torch.from_numpy(np.array(resized)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return image_tensor(image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC))
+
+
+def class_image_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """A prior-preservation image at its native size, so each training crop is a window of it (DATUM crops
+    class images without resizing them; the instance images alone go through `train.resize`). One smaller
+    than the crop is resized up to fit (DATUM's RandomCrop would fail on it)."""
+    return image_tensor(image) if min(image.size) >= resolution else resize_shorter_side(image, resolution)
 
 
 def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -276,14 +287,14 @@ def generate_class_images(config: PersonalizeConfig, folder: Path) -> None:
     del pipe
 
 
-def _class_images(config: PersonalizeConfig, out: Path, resize: int, accelerator) -> list[torch.Tensor]:
+def _class_images(config: PersonalizeConfig, out: Path, accelerator) -> list[torch.Tensor]:
     if not config.prior.enabled:
         return []
     if accelerator.is_main_process:
         generate_class_images(config, out / CLASS_IMAGES)
     accelerator.wait_for_everyone()
     files = [str(out / CLASS_IMAGES / f"{i:05d}.png") for i in range(config.prior.num_images)]
-    return [resize_shorter_side(image, resize) for image in load_images(files)]
+    return [class_image_tensor(image, config.train.resolution) for image in load_images(files)]
 
 
 # ---------------------------------------------------------------------------------------------- model

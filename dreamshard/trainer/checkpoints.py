@@ -1,7 +1,8 @@
 """Training checkpoints: `checkpoints/iter_N/` holds model.safetensors (student), one safetensors file per
 method state (e.g. teacher), optimizer.pt (optimiser, scheduler, grad scaler: plain tensors, loaded with
-weights_only=True) and state.json. A checkpoint is built under a temporary name and renamed into place, so
-one that exists is complete."""
+weights_only=True) and state.json. `checkpoints/best/` holds the student weights of the best evaluation so
+far (by mIoU) and its metrics in state.json: what `dreamshard eval --checkpoint` takes, not a resume point.
+A checkpoint is built under a temporary name and renamed into place, so one that exists is complete."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from dreamshard.trainer.methods import unwrap
 from dreamshard.trainer.model import Segmenter
 
 STATE = "state.json"
+BEST = "best"
+BEST_METRICS = ("mIoU", "mIoU16", "mIoU13", "mAcc", "aAcc")
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +58,27 @@ def save_checkpoint(folder: Path, state: TrainState, config: TrainConfig) -> Pat
     for old in list_checkpoints(folder)[: -config.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_best(folder: Path, model: torch.nn.Module, iteration: int, metrics: dict, config: TrainConfig) -> Path:
+    """Replace `best/` with these weights and metrics (written complete under a temporary name first)."""
+    final = folder / BEST
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        save_file(_contiguous(unwrap(model).state_dict()), tmp / "model.safetensors")
+        info = {"iteration": iteration, **{key: metrics[key] for key in BEST_METRICS if key in metrics}}
+        info |= {"num_classes": config.model.num_classes, "backbone": config.model.backbone, "method": config.method}
+        (tmp / STATE).write_text(json.dumps(info, indent=2) + "\n")
+    return final
+
+
+def read_best(folder: Path) -> dict | None:
+    """The best evaluation's record ({"iteration", "mIoU", ...}), or None when there is none (or unreadable)."""
+    try:
+        info = json.loads((folder / BEST / STATE).read_text())
+        return info if isinstance(info.get("mIoU"), float) and isinstance(info.get("iteration"), int) else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

@@ -94,7 +94,7 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint: Path) -> dict:
     created_group = init_distributed()
     try:
         rt = runtime(config)
-        model = Segmenter(config.model).to(rt.device)
+        model = Segmenter(config.model, load_pretrained=False).to(rt.device)  # the checkpoint holds every weight
         weights = checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint
         fix = "evaluate with the config the checkpoint was trained with (its config.yaml)"
         load_weights(model, read_weights(weights, config.model.num_classes), weights, fix)

@@ -5,8 +5,10 @@ Output directory:
     metrics.jsonl          one line per log interval and per evaluation (rank 0)
     tb/                    TensorBoard events
     checkpoints/iter_N/    see checkpoints.py
+    checkpoints/best/      the student weights of the best evaluation (by mIoU) and its metrics
     eval/iter_N.txt|json   per-class IoU tables
-    summary.json           final metrics (what `train` returns)
+    summary.json           final metrics (what `train` returns): the last evaluation's at the top level, and
+                           `last` / `best` with their iterations (DATUM reports the best of its evaluations)
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -24,12 +27,17 @@ from torch.nn.parallel import DistributedDataParallel
 from dreamshard.config import OptimConfig, TrainConfig, dump_config
 from dreamshard.errors import one_line
 from dreamshard.logs import StageProgress
+from dreamshard.trainer.backbones import require_weights
 from dreamshard.trainer.checkpoints import (
+    BEST,
+    BEST_METRICS,
     TrainState,
     claim_output,
     latest_checkpoint,
     load_checkpoint,
+    read_best,
     record_settings,
+    save_best,
     save_checkpoint,
     weights_digest,
 )
@@ -46,6 +54,7 @@ def train(config: TrainConfig, restart: bool = False) -> dict:
     """Train, evaluate on `data.val`, and return the summary (mIoU, per-class IoU, wall time, images/s).
     An existing output resumes only with the same result-shaping settings; `restart` moves it aside first."""
     started = time.time()
+    require_weights(config.model)  # before anything is read or written
     created_group = init_distributed()
     rt = runtime(config)
     out = Path(config.output.path)
@@ -61,11 +70,12 @@ def train(config: TrainConfig, restart: bool = False) -> dict:
         start = state.iteration
         if rt.main and start == 0:
             (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+        best = BestEvaluation(out / "checkpoints", rt, config, start)
         torch.manual_seed(config.seed * 1_000_003 + start * 1000 + rt.rank)  # augmentation draws differ per rank
         iterators = data_streams(config, start)
         logger = MetricsLog(out, rt)
         train_started = time.time()
-        images, skipped = run_iterations(config, rt, state, student, iterators, logger, out, val_set)
+        images, skipped = run_iterations(config, rt, state, student, iterators, logger, out, val_set, best)
         train_seconds = time.time() - train_started
         sync_buffers(state.model, rt)
         if start < config.max_iters and rt.main:
@@ -74,6 +84,7 @@ def train(config: TrainConfig, restart: bool = False) -> dict:
         if config.data.val:
             last_eval = evaluate_and_save(config, state.model, rt, out, config.max_iters, val_set)
             logger.write({"iteration": config.max_iters, **_eval_record(last_eval)})
+            best.update(last_eval, config.max_iters, state.model)
         if sum(skipped.values()):
             log.warning("skipped %d corrupt shard(s)/sample(s) while training", sum(skipped.values()))
         summary = {
@@ -83,6 +94,8 @@ def train(config: TrainConfig, restart: bool = False) -> dict:
             "world_size": rt.world,
             **({k: v for k, v in last_eval.items() if k != "per_class"} if last_eval else {"mIoU": None}),
             "per_class_iou": {name: row["iou"] for name, row in last_eval["per_class"].items()} if last_eval else {},
+            "last": {"iteration": config.max_iters, **{k: last_eval[k] for k in BEST_METRICS if k in last_eval}} if last_eval else None,
+            "best": best.record,
             "wall_s": time.time() - started,
             "train_s": train_seconds,
             "images_per_s": images / train_seconds if start < config.max_iters else None,
@@ -138,7 +151,7 @@ def data_streams(config: TrainConfig, start: int) -> dict:
     return {name: iter(loader) for name, loader in loaders.items()}
 
 
-def run_iterations(config: TrainConfig, rt: Runtime, state: TrainState, student, iterators: dict, logger: MetricsLog, out: Path, val_set=None):
+def run_iterations(config: TrainConfig, rt: Runtime, state: TrainState, student, iterators: dict, logger: MetricsLog, out: Path, val_set=None, best=None):
     """Iterations state.iteration .. max_iters: steps, logging, periodic evaluation and checkpoints.
     Returns (images seen, skipped samples per (domain, worker))."""
     start, images, skipped = state.iteration, 0, {}
@@ -169,7 +182,10 @@ def run_iterations(config: TrainConfig, rt: Runtime, state: TrainState, student,
             losses = " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in logs.items())
             progress.update(done, f"{(done - start) / elapsed:.2f} it/s {losses}")
             if config.eval_interval and done % config.eval_interval == 0 and done < config.max_iters and config.data.val:
-                logger.write({"iteration": done, **_eval_record(evaluate_and_save(config, state.model, rt, out, done, val_set))})
+                evaluation = evaluate_and_save(config, state.model, rt, out, done, val_set)
+                logger.write({"iteration": done, **_eval_record(evaluation)})
+                if best is not None:
+                    best.update(evaluation, done, state.model)
             if config.checkpoint_interval and done % config.checkpoint_interval == 0 and done < config.max_iters and rt.main:
                 save_checkpoint(out / "checkpoints", state, config)
     return images, skipped
@@ -213,6 +229,32 @@ def lr_factor(optim: OptimConfig, max_iters: int):
         return value
 
     return factor
+
+
+class BestEvaluation:
+    """The best evaluation so far by mIoU (ties keep the earlier), its weights kept in checkpoints/best/ (rank
+    0 writes them). A run resumed at iteration `start` keeps the record its earlier part left, unless that
+    came from iterations after `start` (work lost with the interruption, retrained now)."""
+
+    def __init__(self, folder: Path, rt: Runtime, config: TrainConfig, start: int):
+        self.folder, self.main, self.config = folder, rt.main, config
+        previous = read_best(folder)
+        if previous is not None and previous["iteration"] > start:
+            previous = None
+        if previous is None and rt.main and (folder / BEST).exists():
+            shutil.rmtree(folder / BEST)
+        self.record = self._with_path(previous)
+
+    def update(self, evaluation: dict, iteration: int, model: torch.nn.Module) -> None:
+        if evaluation.get("mIoU") is None or (self.record is not None and evaluation["mIoU"] <= self.record["mIoU"]):
+            return
+        if self.main:
+            save_best(self.folder, model, iteration, evaluation, self.config)
+        self.record = self._with_path({"iteration": iteration, **{k: evaluation[k] for k in BEST_METRICS if k in evaluation}})
+
+    def _with_path(self, record: dict | None) -> dict | None:
+        keep = ("iteration", *BEST_METRICS)
+        return None if record is None else {**{k: record[k] for k in keep if k in record}, "checkpoint": str(self.folder / BEST)}
 
 
 # ------------------------------------------------------------------------------------------ logging

@@ -133,10 +133,11 @@ class DACS:
     def pseudo_label(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Teacher argmax on the clean target, its per-pixel weight and the quality q (share of confident pixels)."""
         cfg = self.config
-        # DAFormer leaves the teacher in train mode (BN on batch statistics) but switches off dropout.
+        # DAFormer leaves the teacher in train mode (BN on batch statistics) but switches off dropout and
+        # stochastic depth (timm's DropPath; transformers' MiT has its own SegformerDropPath).
         self.teacher.train()
         for module in self.teacher.modules():
-            if isinstance(module, (nn.modules.dropout._DropoutNd, DropPath)):
+            if isinstance(module, (nn.modules.dropout._DropoutNd, DropPath)) or type(module).__name__ == "SegformerDropPath":
                 module.training = False
         logits = F.interpolate(self.teacher(target), size=target.shape[-2:], mode="bilinear", align_corners=False)
         max_prob, label = torch.softmax(logits.float(), dim=1).max(dim=1)

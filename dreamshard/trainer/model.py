@@ -1,27 +1,28 @@
-"""The segmenter: a timm backbone (`features_only`, the last four levels) and a light decode head.
+"""The segmenter: a backbone with four feature levels (backbones.py: SegFormer's MiT encoders or timm
+models) and a decode head.
 
 Heads (`lhoyer/DAFormer` `mmseg/models/decode_heads/`): `daformer` (per-level linear projection, upsample to
-stride 4, ASPP-like fusion with depthwise-separable dilated convs, bottleneck, dropout, classifier) and
-`segformer` (projection, upsample, 1x1 fusion, dropout, classifier). Logits come out at stride 4.
-The model takes images in [0, 1] and applies the ImageNet normalisation itself, so augmentations and masks
-work on plain images.
+stride 4, ASPP-like fusion with depthwise-separable dilated convs, bottleneck, dropout, classifier),
+`segformer` (projection, upsample, 1x1 fusion, dropout, classifier), both with logits at stride 4; and
+`deeplabv2` (DeepLabV2's ASPP classifier, `dlv2_head.py`: parallel dilated 3x3 convs straight to the classes
+on the last level, summed, no norm, no dropout), with logits at the last level's stride (8 on a dilated
+ResNet). The model takes images in [0, 1] and applies the ImageNet normalisation itself, so augmentations and
+masks work on plain images.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dreamshard.config import TrainModelConfig
-from dreamshard.errors import UserError, one_line
+from dreamshard.trainer.backbones import build_backbone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DAFORMER_DILATIONS = (1, 6, 12, 18)
+DEEPLABV2_DILATIONS = (6, 12, 18, 24)
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1, groups: int = 1) -> nn.Sequential:
@@ -41,13 +42,13 @@ def separable_conv(cin: int, cout: int, dilation: int) -> nn.Sequential:
 class DecodeHead(nn.Module):
     """Project every level to `embed_dim`, resize to the stride-4 level, fuse, classify."""
 
-    def __init__(self, in_channels: list[int], embed_dim: int, num_classes: int, dropout: float, fusion: str):
+    def __init__(self, in_channels: list[int], embed_dim: int, num_classes: int, dropout: float, fusion: str, dilations=DAFORMER_DILATIONS):
         super().__init__()
         self.embed = nn.ModuleList(nn.Conv2d(c, embed_dim, 1) for c in in_channels)  # linear, no norm/act
         concat = embed_dim * len(in_channels)
         if fusion == "daformer":
-            self.aspp = nn.ModuleList(conv_bn_relu(concat, embed_dim, 1) if d == 1 else separable_conv(concat, embed_dim, d) for d in DAFORMER_DILATIONS)
-            self.fuse = conv_bn_relu(embed_dim * len(DAFORMER_DILATIONS), embed_dim, 3)
+            self.aspp = nn.ModuleList(conv_bn_relu(concat, embed_dim, 1) if d == 1 else separable_conv(concat, embed_dim, d) for d in dilations)
+            self.fuse = conv_bn_relu(embed_dim * len(dilations), embed_dim, 3)
         else:
             self.aspp = None
             self.fuse = conv_bn_relu(concat, embed_dim, 1)
@@ -62,11 +63,35 @@ class DecodeHead(nn.Module):
         return self.classifier(self.dropout(self.fuse(x)))
 
 
-class Segmenter(nn.Module):
-    def __init__(self, config: TrainModelConfig):
+class DeepLabV2Head(nn.Module):
+    """DeepLabV2's classifier on the last level: one dilated 3x3 conv (with bias) per rate, straight to the
+    classes, summed. Weights start from N(0, 0.01) as in DAFormer's config."""
+
+    def __init__(self, in_channels: list[int], num_classes: int, dilations=DEEPLABV2_DILATIONS):
         super().__init__()
-        self.backbone = build_backbone(config.backbone, config.pretrained)
-        self.decode_head = DecodeHead(self.backbone.feature_info.channels(), config.embed_dim, config.num_classes, config.dropout, config.decoder)
+        self.branches = nn.ModuleList(nn.Conv2d(in_channels[-1], num_classes, 3 if d > 1 else 1, padding=d if d > 1 else 0, dilation=d) for d in dilations)
+        for conv in self.branches:
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([branch(features[-1]) for branch in self.branches]).sum(0)
+
+
+def build_head(config: TrainModelConfig, channels: list[int]) -> nn.Module:
+    if config.decoder == "deeplabv2":
+        return DeepLabV2Head(channels, config.num_classes, config.dilations or DEEPLABV2_DILATIONS)
+    return DecodeHead(channels, config.embed_dim, config.num_classes, config.dropout, config.decoder, config.dilations or DAFORMER_DILATIONS)
+
+
+class Segmenter(nn.Module):
+    """Backbone + decode head. `load_pretrained=False` skips `model.pretrained` (random weights, e.g. to load
+    a checkpoint into)."""
+
+    def __init__(self, config: TrainModelConfig, load_pretrained: bool = True):
+        super().__init__()
+        self.backbone, channels = build_backbone(config, load_pretrained)
+        self.decode_head = build_head(config, channels)
         self.num_classes = config.num_classes
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -76,25 +101,10 @@ class Segmenter(nn.Module):
         return self.backbone((images - self.mean) / self.std)
 
     def forward(self, images: torch.Tensor, with_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits at stride 4 of the input (and the backbone features, for the feature distance)."""
+        """Logits at the head's stride (see the module docstring) and, for the feature distance, the backbone features."""
         features = self.features(images)
         logits = self.decode_head(features)
         return (logits, features) if with_features else logits
-
-
-def build_backbone(name: str, pretrained: str | None) -> nn.Module:
-    """timm `features_only` model with the last four levels (strides 4..32 for resnets, convnexts, PVTv2)."""
-    if not timm.is_model(name):
-        raise UserError(f"model.backbone {name!r} is not a timm model; e.g. resnet50, resnet101, convnext_tiny, pvt_v2_b2")
-    kwargs = {}
-    if pretrained:
-        if not Path(pretrained).is_file():
-            raise UserError(f"model.pretrained {pretrained}: file not found; give a local .safetensors/.pth weights file (no hub access)")
-        kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(pretrained)}}
-    try:
-        return timm.create_model(name, features_only=True, out_indices=(-4, -3, -2, -1), **kwargs)
-    except (RuntimeError, ValueError) as exc:
-        raise UserError(f"model.backbone {name}: cannot build it with features_only / the weights in {pretrained} ({one_line(exc)})") from None
 
 
 def head_parameter_groups(model: Segmenter, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict]:
