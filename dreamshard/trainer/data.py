@@ -250,7 +250,7 @@ class StreamHealth:
         if self.samples == 0 and self.bad_samples >= MAX_UNUSABLE_SAMPLES:
             reason = self.first_error
             if isinstance(exc, MissingLabel):
-                reason = f"no sample has {LABEL_KEY}: a labelled domain (supervised_synthetic target, shards as source) needs label-keeping shards (img2img / controlnet_seg)"
+                reason = f"no sample has {LABEL_KEY}: a labelled domain (supervised_synthetic target, shards as source) needs label-keeping shards (img2img / controlnet_seg / depth2img)"
             raise DataError(f"{self.domain} data: none of the first {self.bad_samples} samples is usable; {reason}")
         return True
 
