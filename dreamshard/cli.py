@@ -80,7 +80,9 @@ def main(
 @user_errors
 def tiny_model(
     out: Path = typer.Argument(..., help="Directory to write the pipeline (or ControlNet) into."),
-    preset: str = typer.Option("tiny", help="tiny (fast tests), sd15 (real SD 1.5 shapes, random weights), tiny-controlnet."),
+    preset: str = typer.Option(
+        "tiny", help="tiny (fast tests), sd15 / sdxl (real SD 1.5 / SDXL shapes, random weights), tiny-sdxl, tiny-controlnet, tiny-clip."
+    ),
     seed: int = typer.Option(0, help="Seed of the random weights (same seed, same files)."),
 ) -> None:
     """Write a random-weight Stable Diffusion pipeline built locally (no download), loadable with

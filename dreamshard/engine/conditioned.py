@@ -100,9 +100,9 @@ class Conditioner:
         if self.mode != "controlnet_seg" or samples[0].strength is None:
             return pipe
         if self._img2img_pipe is None or self._img2img_pipe.unet is not pipe.unet:
-            from diffusers import StableDiffusionControlNetImg2ImgPipeline
+            from diffusers import AutoPipelineForImage2Image
 
-            self._img2img_pipe = StableDiffusionControlNetImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+            self._img2img_pipe = AutoPipelineForImage2Image.from_pipe(pipe)  # the family's ControlNet img2img class
             self._img2img_pipe.set_progress_bar_config(disable=True)
         return self._img2img_pipe
 
