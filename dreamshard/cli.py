@@ -85,8 +85,8 @@ def tiny_model(
     ),
     seed: int = typer.Option(0, help="Seed of the random weights (same seed, same files)."),
 ) -> None:
-    """Write a random-weight Stable Diffusion pipeline built locally (no download), loadable with
-    StableDiffusionPipeline.from_pretrained(OUT)."""
+    """Write a random-weight model built locally (no download): a pipeline loadable with
+    AutoPipelineForText2Image.from_pretrained(OUT), a ControlNet, or a CLIP model."""
     from dreamshard.engine.tiny import PRESETS, build_tiny_model
 
     if preset not in PRESETS:

@@ -251,3 +251,11 @@ def test_compile_gives_the_same_images_through_the_worker(tiny_model, tmp_path):
         # JPEG re-quantises the 8x8 block around a flipped pixel: up to 4 levels measured here (see the report
         # in docs/benchmarks.md); still the same image.
         assert np.abs(pixels(jpegs[:1]) - pixels(jpegs[1:])).max() <= 4
+
+
+def test_the_sdxl_turbo_recipe_loads():
+    from pathlib import Path
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "sdxl_turbo_quality.yaml", GenerateConfig)
+    assert config.model.variant == "fp16" and config.sampling.guidance_scale == 0.0 and config.quality.min_clip_score is not None
+    assert config.run.compile and build_plan(config.prompts, config.sampling, config.run.seed).spec(0).prompt.startswith("a photo of a car")
