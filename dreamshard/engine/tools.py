@@ -51,7 +51,7 @@ class DatasetInfo:
     model: dict
     counts: dict[str, Counter] = field(default_factory=dict)  # "class", "template", "style: <axis>" -> counts
     runs: list[dict] = field(default_factory=list)  # OUT/stats.jsonl: one record per generate call
-    quality: QualitySummary | None = None
+    quality: QualitySummary | None = None  # None: no shard was scored or filtered
 
 
 @dataclass
@@ -98,7 +98,8 @@ def inspect_dataset(out: str | Path) -> DatasetInfo:
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise UserError(f"{out}: an index file of a committed shard is unreadable ({one_line(exc)}); run `dreamshard verify {out}`") from None
     counts: dict[str, Counter] = {"class": Counter(), "template": Counter()}
-    quality = QualitySummary.of(rows, list(committed.values()))
+    markers = list(committed.values())
+    quality = QualitySummary.of(rows, markers) if any("quality" in marker for marker in markers) else None  # scored or filtered runs
     for row in rows:
         counts["class"][row["class_name"] or "(none)"] += 1
         counts["template"][row["template"] or "(none)"] += 1
