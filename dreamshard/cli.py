@@ -81,12 +81,13 @@ def main(
 def tiny_model(
     out: Path = typer.Argument(..., help="Directory to write the pipeline (or ControlNet) into."),
     preset: str = typer.Option(
-        "tiny", help="tiny (fast tests), sd15 (real SD 1.5 shapes, random weights), tiny-controlnet, tiny-depth (depth2img, with a tiny DPT)."
+        "tiny",
+        help="tiny (fast tests), sd15 / sdxl (real SD 1.5 / SDXL shapes, random weights), tiny-sdxl, tiny-controlnet, tiny-depth (depth2img, with a tiny DPT), tiny-clip.",
     ),
     seed: int = typer.Option(0, help="Seed of the random weights (same seed, same files)."),
 ) -> None:
-    """Write a random-weight Stable Diffusion pipeline built locally (no download), loadable with
-    DiffusionPipeline.from_pretrained(OUT) (tiny-controlnet: ControlNetModel.from_pretrained(OUT))."""
+    """Write a random-weight model built locally (no download): a pipeline loadable with
+    DiffusionPipeline.from_pretrained(OUT), a ControlNet, or a CLIP model."""
     from dreamshard.engine.tiny import PRESETS, build_tiny_model
 
     if preset not in PRESETS:

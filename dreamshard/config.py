@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dreamshard.errors import ConfigError, one_line
 
@@ -36,20 +36,46 @@ CONDITIONED_MODES = MODES[1:]
 SchedulerName = Literal["ddim", "pndm", "euler", "euler_a", "dpm++", "dpm++_sde", "lms", "heun", "unipc", "ddpm"]
 
 
-class ModelConfig(Strict):
-    """Which Stable Diffusion pipeline to load and how."""
+class LoraConfig(Strict):
+    """One LoRA applied on load, weighted by `scale` (several are combined as peft adapters)."""
 
-    path: str = ".cache/tiny-sd"  # local pipeline directory or a hub id ("stable-diffusion-v1-5/...")
+    path: str  # a .safetensors file, or a directory holding pytorch_lora_weights.safetensors
+    scale: float = 1.0
+
+
+class ModelConfig(Strict):
+    """Which diffusion pipeline to load and how (SD 1.x, SD 2.x, SDXL and other diffusers Auto pipelines)."""
+
+    path: str = ".cache/tiny-sd"  # local pipeline directory, a hub id ("stable-diffusion-v1-5/..."), or a checkpoint file (single_file)
     local_files_only: bool = True  # never touch the network unless the user says so
     revision: str | None = None
+    variant: str | None = None  # weight files of this variant, e.g. "fp16" (unet/diffusion_pytorch_model.fp16.safetensors)
+    # `path` is one .safetensors checkpoint in the original (A1111 / CompVis) layout, loaded with from_single_file.
+    single_file: bool = False
+    # single_file: a diffusers pipeline directory (or a hub id in the HF cache) whose component configs describe
+    # the checkpoint; None: diffusers infers the model family from the checkpoint and needs that family's
+    # configs in the HF cache (or the hub, with local_files_only false).
+    single_file_config: str | None = None
     scheduler: SchedulerName | None = None  # None keeps the pipeline's own scheduler
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp32 on CPU, fp16 on GPU
     device: str = "auto"  # auto: cuda if available, else cpu
-    attention: Literal["sdpa", "default"] = "sdpa"
-    lora: str | None = None  # a LoRA safetensors file or directory applied on load
+    # sdpa: PyTorch scaled_dot_product_attention (flash / memory-efficient kernels); eager: the explicit
+    # matmul-softmax-matmul attention (slow, for comparison and debugging).
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    lora: str | None = None  # a LoRA safetensors file or directory applied on load (weighted by lora_scale)
     lora_scale: float = 1.0
+    loras: list[LoraConfig] = []  # more LoRAs, each with its own scale, after `lora`
     controlnet: str | None = None  # a ControlNetModel directory (conditioned modes)
+    # Run the pipeline's own safety checker (its safety_checker folder) on every image: the verdict goes into
+    # each sample's `nsfw`; flagged images are redrawn (quality.reject_nsfw) or kept as black frames.
     safety_checker: bool = False
+
+    @field_validator("attention", mode="before")
+    @classmethod
+    def _renamed_attention(cls, value):
+        if value == "default":
+            raise ValueError("'default' was renamed: it selected the slow non-SDPA attention, now called 'eager'; the default is 'sdpa'")
+        return value
 
 
 # ------------------------------------------------------------------------ labelled source datasets
@@ -173,6 +199,28 @@ class RunConfig(Strict):
     # Stop (exit 1, resumable) when no worker is ready and none could be started for this long (no resources,
     # every model load failing, nodes gone); 0: wait forever (autoscaling clusters).
     worker_start_timeout_s: float = Field(300.0, ge=0)
+    # Speed options (docs/benchmarks.md measures each). They change pixels by float rounding at most, like
+    # batch_size, except vae_tiling (tile seams are blended), which is part of the dataset fingerprint.
+    compile: bool = False  # torch.compile the UNet (or transformer) and the VAE decoder; the first batches pay the compile
+    channels_last: bool = False  # UNet / VAE / ControlNet in channels-last memory format (faster convolutions on GPUs)
+    vae_slicing: bool = False  # decode a batch one image at a time: less peak memory
+    vae_tiling: bool = False  # decode (and encode) large images in overlapping tiles: far less memory at 1024+ pixels
+
+
+class QualityConfig(Strict):
+    """Scores attached to every sample and the filter that redraws rejected ones (engine/quality.py).
+
+    A rejected sample is redrawn with the next seed of its own seed stream (from its plan seed and the attempt
+    number only), so the dataset stays exactly num_samples long and reproducible. After max_attempts draws
+    the best one is kept (not flagged, not blank, highest CLIP score; ties to the earliest) and counted as
+    exhausted in its shard's marker (`dreamshard inspect` shows it).
+    """
+
+    clip_model: str | None = None  # a local CLIPModel directory (with its processor): every image gets a clip_score
+    min_clip_score: float | None = None  # redraw images scoring below (100 x cosine of image and prompt embeddings)
+    reject_nsfw: bool = False  # redraw images the safety checker flags (needs model.safety_checker)
+    reject_blank: bool = False  # redraw near-constant images (pixel standard deviation below 2 of 255)
+    max_attempts: int = Field(5, ge=1)  # draws per sample at most
 
 
 class GenerateConfig(Strict):
@@ -184,6 +232,15 @@ class GenerateConfig(Strict):
     run: RunConfig = RunConfig()
     source: SourceConfig | None = None  # img2img / depth2img / controlnet_seg: the labelled source dataset
     condition: ConditionConfig = ConditionConfig()  # conditioned modes: strength, initial noise, ControlNet scale, palette
+    quality: QualityConfig = QualityConfig()  # scores in every sample's json; which samples are redrawn
+
+    @model_validator(mode="after")
+    def _quality_needs(self) -> GenerateConfig:
+        if self.quality.min_clip_score is not None and not self.quality.clip_model:
+            raise ValueError("quality.min_clip_score needs quality.clip_model (a local CLIP model directory)")
+        if self.quality.reject_nsfw and not self.model.safety_checker:
+            raise ValueError("quality.reject_nsfw needs model.safety_checker: true (the checker's verdict is what it rejects)")
+        return self
 
 
 # ------------------------------------------------------------------------------------- personalize

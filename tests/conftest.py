@@ -18,6 +18,22 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A `tiny-sdxl` random-weight pipeline (SDXL architecture, 64x64 images), built once."""
+    from dreamshard.engine.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("shared-models") / "tiny-sdxl", "tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A `tiny-clip` random-weight CLIPModel + processor directory (quality.clip_model), built once."""
+    from dreamshard.engine.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("shared-models") / "tiny-clip", "tiny-clip", seed=0)
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint() -> str:
     """A real S3 API: moto's server on 127.0.0.1 (a free port), with dummy credentials in the environment,
     set before any Ray worker starts so workers inherit them (AWS_ENDPOINT_URL is honoured by botocore, so

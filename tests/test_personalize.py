@@ -223,9 +223,9 @@ def test_retrained_lora_at_the_same_path_is_refused_and_a_copy_is_accepted(lora_
     }
     assert generate(validate(GenerateConfig, data), show_progress=False).ok
     record = json.loads((tmp_path / "run" / "dreamshard.json").read_text())
-    assert record["model"]["lora"] and record["model"]["lora"] == record["fingerprint_parts"]["model"]["lora"]
+    assert record["model"]["loras"] and record["model"]["loras"] == record["fingerprint_parts"]["model"]["loras"]
     manifest = pq_rows(tmp_path / "run")
-    assert all(json.loads(row["model"])["lora"] == record["model"]["lora"] for row in manifest)
+    assert all(json.loads(row["model"])["loras"] == record["model"]["loras"] for row in manifest)
 
     # Retrained into the same folder (new weights, same file names), then generate on the old output: refused.
     weights = load_file(lora / LORA_WEIGHTS)
@@ -234,7 +234,7 @@ def test_retrained_lora_at_the_same_path_is_refused_and_a_copy_is_accepted(lora_
     config_file.write_text(json.dumps(data))
     result = CliRunner().invoke(app, ["generate", str(config_file), "--num-samples", "4"])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-    assert "different model (lora: " in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert "different model (loras: " in result.output and len(result.output.strip().splitlines()) == 1, result.output
 
     # The original weights copied to another folder are the same dataset: the run is extended.
     copy = tmp_path / "copy"

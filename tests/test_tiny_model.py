@@ -132,5 +132,5 @@ def test_model_identity_includes_lora_and_controlnet_content(tmp_path, tiny):
     lora.write_bytes(b"second")
     second = model_identity(ModelConfig(path=str(tiny), lora=str(lora)))
     assert first["hash"] == second["hash"] == model_fingerprint(tiny)
-    assert first["lora"] != second["lora"]
-    assert model_identity(ModelConfig(path=str(tiny)))["lora"] is None
+    assert first["loras"] != second["loras"] and first["loras"][0]["scale"] == 1.0
+    assert model_identity(ModelConfig(path=str(tiny)))["loras"] == []

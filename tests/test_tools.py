@@ -59,8 +59,9 @@ def test_inspect_counts_classes_templates_and_style_axes(dataset):
     assert info.counts["class"] == {"car": 9, "bus": 8, "truck": 8}
     assert info.counts["style: weather"] == {"sunny": 13, "rainy": 12}
     assert info.bytes == sum(p.stat().st_size for p in (dataset / "shards").glob("*.tar"))
+    assert info.quality is None  # nothing was scored: no quality tables
     result = CliRunner().invoke(app, ["inspect", str(dataset)])
-    assert result.exit_code == 0 and "truck" in result.output and "weather" in result.output
+    assert result.exit_code == 0 and "truck" in result.output and "weather" in result.output and "clip_score" not in result.output
 
 
 def test_preview_writes_a_captioned_grid(dataset, tmp_path):

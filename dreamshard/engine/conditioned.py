@@ -151,9 +151,9 @@ class Conditioner:
     def _img2img_variant(self, pipe):
         if self.mode == "img2img":
             return img2img_from_latents(pipe)
-        from diffusers import StableDiffusionControlNetImg2ImgPipeline
+        from diffusers import AutoPipelineForImage2Image
 
-        variant = StableDiffusionControlNetImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+        variant = AutoPipelineForImage2Image.from_pipe(pipe)  # the family's ControlNet img2img class, same components
         variant.set_progress_bar_config(disable=True)
         return variant
 

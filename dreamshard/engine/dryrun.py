@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dreamshard.config import GenerateConfig
 from dreamshard.engine.conditioned import check_settings
@@ -76,9 +77,14 @@ def _what_generate_would_do(config: GenerateConfig, plan, store: Store, counts: 
         model_note = ""
     except UserError as exc:  # no model here (a laptop planning a cluster run): compare the rest
         model_info, model_note = None, f"; the model part was not checked ({exc})"
-    parts = fingerprint_parts(config, plan, model_info or {"hash": None, "revision": None, "lora": None, "controlnet": None}, None)
+    unknown = dict.fromkeys(("hash", "revision", "variant", "config", "loras", "controlnet"))
+    parts = fingerprint_parts(config, plan, model_info or unknown, None)
     if model_info is None:
         parts.pop("model")
+    clip_model = config.quality.clip_model
+    if clip_model and not Path(clip_model).expanduser().exists():  # not on this machine: compare the rest
+        parts.pop("quality")
+        model_note += f"; the quality part was not checked (no {clip_model} here)"
     # The source of a conditioned mode is not listed here (no pre-scan in a dry run): only what is compared.
     fingerprints = {name: value if isinstance(value, str) else _digest(value) for name, value in parts.items()}
     differs = _differing(store, fingerprints, parts)

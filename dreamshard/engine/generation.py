@@ -47,9 +47,11 @@ def call_pipeline(pipe, specs: list[SampleSpec], generators: list[torch.Generato
     first = specs[0]
     if "width" in inspect.signature(pipe.__call__).parameters:  # img2img pipelines take the size of their image
         conditioning = {"width": first.width, "height": first.height, **conditioning}
+    # No negative prompt at all is None: SD 1.x/2.x encode "" either way, SDXL then uses its zero embedding.
+    negative = [spec.negative_prompt for spec in specs] if any(spec.negative_prompt for spec in specs) else None
     return pipe(
         prompt=[spec.prompt for spec in specs],
-        negative_prompt=[spec.negative_prompt for spec in specs],
+        negative_prompt=negative,
         num_inference_steps=first.steps,
         guidance_scale=first.guidance_scale,
         generator=generators or seeded_generators(specs),

@@ -1,5 +1,7 @@
-"""Load a Stable Diffusion pipeline for generation: local directory or hub id, dtype, device, scheduler,
-attention, LoRA, ControlNet. Every user mistake becomes one `UserError` line.
+"""Load a diffusion pipeline for generation through diffusers' Auto classes (SD 1.x, SD 2.x, SDXL and the
+other text-to-image families they know): a local directory, a hub id in the HF cache, or one single-file
+checkpoint; dtype, variant, device, scheduler, attention, LoRAs (several, weighted), ControlNet and the speed
+options of `run`. Every user mistake becomes one `UserError` line.
 
 A personalised LoRA output (from `dreamshard personalize`) is a directory holding
 `pytorch_lora_weights.safetensors` and `dreamshard_lora.json` (`{"base_model": ..., "weights": ...}`):
@@ -9,13 +11,14 @@ pointing `model.path` at it loads the base model and applies the LoRA.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 from pathlib import Path
 
 import torch
 
-from dreamshard.config import MODES, ModelConfig
+from dreamshard.config import MODES, ModelConfig, RunConfig
 from dreamshard.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
@@ -49,24 +52,49 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def load_pipeline(model: ModelConfig, mode: str = "txt2img", device: str | None = None):
-    """The pipeline for `mode`, on its device, ready to call. Raises UserError on bad input."""
+def load_pipeline(model: ModelConfig, mode: str = "txt2img", device: str | None = None, speed: RunConfig | None = None):
+    """The pipeline for `mode`, on its device, ready to call; `speed` applies run.compile, channels_last and
+    the VAE options. Raises UserError on bad input."""
     if mode not in MODES:
         raise UserError(f"unknown generation mode {mode!r}; choose one of {', '.join(MODES)}")
     torch_device = resolve_device(device or model.device)
     dtype = resolve_dtype(model.dtype, torch_device)
-    base_path, lora_path = resolve_model_path(model)
+    base_path, _ = resolve_model_path(model)
 
-    pipe = load_base_pipeline(base_path, model, dtype)
-    if lora_path:
-        _apply_lora(pipe, lora_path, model.lora_scale)
+    pipe = load_base_pipeline(base_path, model, dtype, depth=mode == "depth2img")
+    apply_loras(pipe, lora_list(model))
     if model.scheduler:
         pipe.scheduler = make_scheduler(model.scheduler, pipe.scheduler.config)
     _set_attention(pipe, model.attention)
     pipe = _for_mode(pipe, mode, model, dtype)
     pipe.to(torch_device)
+    if speed is not None:
+        apply_speed_options(pipe, speed)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def denoiser(pipe):
+    """The network called at every step: the UNet, or the transformer of DiT pipelines."""
+    return getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+
+
+def apply_speed_options(pipe, run: RunConfig) -> None:
+    """channels_last, VAE slicing / tiling and torch.compile, in place: modules are shared with the pipelines
+    built from this one (from_pipe), so those get them too."""
+    networks = [module for module in (denoiser(pipe), pipe.vae, getattr(pipe, "controlnet", None)) if module is not None]
+    if run.channels_last:
+        for module in networks:
+            module.to(memory_format=torch.channels_last)
+    if run.vae_slicing:
+        pipe.vae.enable_slicing()
+    if run.vae_tiling:
+        pipe.vae.enable_tiling()
+    if run.compile:
+        # nn.Module.compile keeps the module object (configs, from_pipe, LoRA state stay as they are); the
+        # first call of each new input shape compiles, later shapes of the same rank reuse a dynamic graph.
+        denoiser(pipe).compile()
+        pipe.vae.decoder.compile()
 
 
 def resolve_model_path(model: ModelConfig) -> tuple[str, str | None]:
@@ -84,6 +112,12 @@ def resolve_model_path(model: ModelConfig) -> tuple[str, str | None]:
         except (ValueError, KeyError, TypeError) as exc:
             raise UserError(f"{manifest} is not a valid LoRA manifest ({one_line(exc)}); re-run `dreamshard personalize` to rewrite it") from None
         return base, lora or str(path / weights)
+    if model.single_file:
+        return _single_file_path(model, path), lora
+    if path.is_file():
+        raise UserError(
+            f"model path {path} is a file; set model.single_file: true to load a single-file checkpoint, or point model.path at a pipeline directory"
+        )
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise UserError(
@@ -97,6 +131,25 @@ def resolve_model_path(model: ModelConfig) -> tuple[str, str | None]:
             "or set model.path to a pipeline directory or hub id"
         )
     return model.path, lora
+
+
+def _single_file_path(model: ModelConfig, path: Path) -> str:
+    if not path.is_file():
+        raise UserError(f"model.single_file is true but {model.path} is not a file; point model.path at a .safetensors checkpoint")
+    if path.suffix != ".safetensors":
+        raise UserError(f"{path}: single-file checkpoints must be .safetensors (.ckpt files are pickles, which dreamshard never loads)")
+    config = model.single_file_config
+    if config and _looks_local(config) and not (Path(config).expanduser() / "model_index.json").is_file():
+        raise UserError(f"model.single_file_config {config} is not a diffusers pipeline directory (no model_index.json)")
+    return str(path)
+
+
+def lora_list(model: ModelConfig) -> list[tuple[str, float]]:
+    """Every LoRA to apply, in order, with its scale: `model.lora` (or a personalised LoRA directory in
+    model.path) at `model.lora_scale`, then each of `model.loras`."""
+    _, first = resolve_model_path(model)
+    loras = [(first, model.lora_scale)] if first else []
+    return loras + [(lora.path, lora.scale) for lora in model.loras]
 
 
 def make_scheduler(name: str, config):
@@ -137,15 +190,22 @@ def model_fingerprint(path: str | Path) -> str:
 
 
 def model_identity(model: ModelConfig) -> dict:
-    """What the generated images depend on, by content: the base pipeline, the LoRA (from model.lora or a
-    personalised LoRA directory in model.path) and the ControlNet; hub ids by the content of their snapshot in
-    the local cache, with its commit. Stored in every sample's json `model` and in the dataset fingerprint."""
-    base, lora = resolve_model_path(model)
+    """What the generated images depend on, by content: the base pipeline (or single-file checkpoint and the
+    configs it is read with), its weight variant, every LoRA with its scale and the ControlNet; hub ids by the
+    content of their snapshot in the local cache, with its commit. Stored in every sample's json `model` and in
+    the dataset fingerprint."""
+    base, _ = resolve_model_path(model)
     base_hash, revision = _content_hash(base, model.revision, model.local_files_only)
-    identity = {"id": model.path, "hash": base_hash, "revision": revision}
-    identity["lora"] = model_fingerprint(lora) if lora else None
-    identity["controlnet"] = _content_hash(model.controlnet, None, model.local_files_only)[0] if model.controlnet else None
-    return identity
+    config = model.single_file_config if model.single_file else None
+    return {
+        "id": model.path,
+        "hash": base_hash,
+        "revision": revision,
+        "variant": model.variant,
+        "config": _content_hash(config, None, model.local_files_only)[0] if config else None,
+        "loras": [{"hash": model_fingerprint(path), "scale": scale} for path, scale in lora_list(model)],
+        "controlnet": _content_hash(model.controlnet, None, model.local_files_only)[0] if model.controlnet else None,
+    }
 
 
 def _content_hash(path_or_id: str, revision: str | None, local_files_only: bool) -> tuple[str, str | None]:
@@ -188,99 +248,188 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
 
 
-def load_base_pipeline(path: str, model: ModelConfig, dtype: torch.dtype):
-    """The txt2img pipeline at `path` as stored (no LoRA, scheduler or attention changes)."""
+def load_base_pipeline(path: str, model: ModelConfig, dtype: torch.dtype, depth: bool = False):
+    """The text-to-image pipeline at `path` as stored (no LoRA, scheduler or attention changes), without its
+    safety checker: dreamshard runs that itself (engine/quality.py), so a verdict is recorded, never dropped.
+    `depth`: SD-2-depth's depth-to-image pipeline instead, with the model's own depth estimator (DPT,
+    `depth_estimator/`) and image processor (`feature_extractor/`); no Auto class knows that family."""
     import diffusers
     import transformers
-    from diffusers import StableDiffusionPipeline
 
     # Loading bars from every worker process would interleave with the run's own progress display.
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-
-    kwargs = dict(dtype=dtype, local_files_only=model.local_files_only, revision=model.revision)
-    if not model.safety_checker:
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    where = "in the local Hugging Face cache (model.local_files_only is true)" if model.local_files_only else "on the hub"
     try:
-        return StableDiffusionPipeline.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
-        where = "in the local Hugging Face cache (model.local_files_only is true)" if model.local_files_only else "on the hub"
+        if model.single_file:
+            return _load_single_file(path, model, dtype)
+        hub = dict(local_files_only=model.local_files_only, revision=model.revision)
+        index = diffusers.DiffusionPipeline.load_config(path, **hub)
+        no_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+        variant = {"variant": model.variant} if model.variant else {}
+        if depth:
+            _check_depth_model(path, model, hub)
+            return diffusers.StableDiffusionDepth2ImgPipeline.from_pretrained(path, dtype=dtype, **hub, **variant)
+        return diffusers.AutoPipelineForText2Image.from_pretrained(path, dtype=dtype, **hub, **variant, **no_checker)
+    except (OSError, ValueError, KeyError) as exc:
         raise UserError(
             f"cannot load model {path!r}: not found or incomplete {where} ({one_line(exc)}); "
             "download it on a machine with access or point model.path at a local pipeline directory"
         ) from None
 
 
-def _apply_lora(pipe, lora_path: str, scale: float) -> None:
-    path = Path(lora_path)
-    if not path.exists():
-        raise UserError(f"LoRA weights {lora_path} not found; set model.lora to a .safetensors file or directory")
+def _check_depth_model(path: str, model: ModelConfig, hub: dict) -> None:
+    """depth2img needs a UNet that takes the depth map as a fifth input channel (SD-2-depth's shapes)."""
+    from diffusers import UNet2DConditionModel
+
+    channels = UNet2DConditionModel.load_config(path, subfolder="unet", **hub).get("in_channels")
+    if channels != 5:
+        raise UserError(
+            f"mode depth2img needs a depth-to-image model whose UNet takes 4 latent + 1 depth channels (e.g. stabilityai/stable-diffusion-2-depth); "
+            f"the UNet of {model.path} takes {channels}"
+        )
+
+
+def _load_single_file(path: str, model: ModelConfig, dtype: torch.dtype):
+    """A single-file checkpoint through its pipeline class's from_single_file. The component configs come from
+    model.single_file_config, else from the HF cache snapshot of the family diffusers infers from the
+    checkpoint's keys (diffusers itself would go to the hub despite local_files_only; we never let it)."""
+    import diffusers
+
+    config = model.single_file_config
+    if config:
+        index = diffusers.DiffusionPipeline.load_config(config, local_files_only=model.local_files_only)
+        cls = getattr(diffusers, index["_class_name"], None)
+    else:
+        cls, config = _single_file_family(path, model.local_files_only)
+    if cls is None or not hasattr(cls, "from_single_file"):
+        raise UserError(f"{path}: the pipeline class of model.single_file_config cannot load single-file checkpoints; use a diffusers directory")
+    no_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in inspect.signature(cls.__init__).parameters else {}
+    return cls.from_single_file(path, config=config, dtype=dtype, local_files_only=model.local_files_only, **no_checker)
+
+
+class _CheckpointHeader:
+    """Names and shapes of a safetensors file, read from its header: what diffusers' family inference reads."""
+
+    def __init__(self, path: str) -> None:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as checkpoint:
+            self._shapes = {key: torch.Size(checkpoint.get_slice(key).get_shape()) for key in checkpoint.keys()}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._shapes
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return torch.empty(self._shapes[key], device="meta")
+
+    def keys(self):
+        return self._shapes.keys()
+
+
+def _single_file_family(path: str, local_files_only: bool):
+    """(pipeline class, config location) of a checkpoint without model.single_file_config: SDXL-family
+    checkpoints (by diffusers' own marker keys) load as StableDiffusionXLPipeline, others as
+    StableDiffusionPipeline; the configs are those of the family's reference repo, from the HF cache."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES, fetch_diffusers_config
+    from huggingface_hub import snapshot_download
+
+    header = _CheckpointHeader(path)
+    xl_markers = (CHECKPOINT_KEY_NAMES["xl_base"], CHECKPOINT_KEY_NAMES["xl_refiner"], CHECKPOINT_KEY_NAMES["playground-v2-5"])
+    cls = diffusers.StableDiffusionXLPipeline if any(key in header for key in xl_markers) else diffusers.StableDiffusionPipeline
+    repo = fetch_diffusers_config(header)["pretrained_model_name_or_path"]
     try:
-        if path.is_dir():
-            pipe.load_lora_weights(str(path))
-        else:
-            pipe.load_lora_weights(str(path.parent), weight_name=path.name)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"cannot apply LoRA weights {lora_path}: {one_line(exc)}") from None
-    # Fusing folds the LoRA into the base weights once, so generation pays nothing per step.
-    pipe.fuse_lora(lora_scale=scale)
+        return cls, snapshot_download(repo, local_files_only=local_files_only, allow_patterns=["*.json", "*/*.json", "*/*.txt"])
+    except Exception as exc:  # noqa: BLE001 - not cached (offline), or the hub refused
+        raise UserError(
+            f"{path} looks like a {repo} checkpoint, whose component configs are not in the HF cache ({one_line(exc)}); "
+            "set model.single_file_config to a local diffusers pipeline of the same family (or allow the hub: model.local_files_only: false)"
+        ) from None
+
+
+def load_safety_checker(model: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """(StableDiffusionSafetyChecker, its CLIP image processor) from the model's `safety_checker` and
+    `feature_extractor` folders (the single-file config's for a checkpoint)."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessor
+
+    base, _ = resolve_model_path(model)
+    where = model.single_file_config if model.single_file else base
+    if not where:
+        raise UserError("model.safety_checker with a single-file checkpoint needs model.single_file_config (a pipeline with a safety_checker folder)")
+    hub = dict(local_files_only=model.local_files_only, revision=None if model.single_file else model.revision)
+    try:
+        checker = StableDiffusionSafetyChecker.from_pretrained(where, subfolder="safety_checker", dtype=dtype, **hub)
+        processor = CLIPImageProcessor.from_pretrained(where, subfolder="feature_extractor", **hub)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"model.safety_checker is true but {where} has no loadable safety checker ({one_line(exc)}); "
+            "SDXL and many fine-tunes ship none: set model.safety_checker: false"
+        ) from None
+    logging.getLogger("diffusers.pipelines.stable_diffusion.safety_checker").setLevel(logging.ERROR)  # we record verdicts; no per-image warning
+    return checker.to(device).eval(), processor
+
+
+def apply_loras(pipe, loras: list[tuple[str, float]]) -> None:
+    """Load each LoRA as a peft adapter, weight them (set_adapters), then fuse them into the base weights once,
+    so generation pays nothing per step (and torch.compile sees plain layers)."""
+    if not loras:
+        return
+    names = []
+    for number, (lora_path, _) in enumerate(loras):
+        path = Path(lora_path).expanduser()
+        if not path.exists():
+            raise UserError(f"LoRA weights {lora_path} not found; set model.lora / model.loras[].path to a .safetensors file or directory")
+        name = f"lora{number}"
+        try:
+            if path.is_dir():
+                pipe.load_lora_weights(str(path), adapter_name=name)
+            else:
+                pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise UserError(f"cannot apply LoRA weights {lora_path}: {one_line(exc)}") from None
+        names.append(name)
+    pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+    pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()
 
 
 def _set_attention(pipe, attention: str) -> None:
+    """sdpa: torch's scaled_dot_product_attention (AttnProcessor2_0); eager: explicit matmul + softmax
+    (AttnProcessor). UNet-family networks only: transformer pipelines keep their own (SDPA) processors."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     processor = AttnProcessor2_0() if attention == "sdpa" else AttnProcessor()
-    pipe.unet.set_attn_processor(processor)
-    pipe.vae.set_attn_processor(processor)
+    for module in (getattr(pipe, "unet", None), pipe.vae):
+        if module is not None:
+            module.set_attn_processor(processor)
 
 
-def _for_mode(pipe, mode: str, model: ModelConfig, dtype: torch.dtype):
-    if mode == "txt2img":
-        return pipe
-    if mode == "img2img":
-        from diffusers import StableDiffusionImg2ImgPipeline
-
-        return StableDiffusionImg2ImgPipeline(**pipe.components)
-    if mode == "depth2img":
-        return _depth2img(pipe, model, dtype)
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+def load_controlnet(model: ModelConfig, dtype: torch.dtype):
+    from diffusers import ControlNetModel
 
     if not model.controlnet:
         raise UserError("mode controlnet_seg needs model.controlnet (a ControlNet directory or hub id)")
     if _looks_local(model.controlnet) and not Path(model.controlnet).expanduser().exists():
         raise UserError(f"ControlNet {model.controlnet} not found; build one with `dreamshard tiny-model OUT --preset tiny-controlnet`")
     try:
-        controlnet = ControlNetModel.from_pretrained(model.controlnet, dtype=dtype, local_files_only=model.local_files_only)
+        return ControlNetModel.from_pretrained(model.controlnet, dtype=dtype, local_files_only=model.local_files_only)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load ControlNet {model.controlnet!r}: {one_line(exc)}") from None
-    components = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
-    return StableDiffusionControlNetPipeline(**components, controlnet=controlnet)
 
 
-def _depth2img(pipe, model: ModelConfig, dtype: torch.dtype):
-    """SD-2-depth's depth-to-image pipeline on the loaded components, with the model's depth estimator (DPT,
-    `depth_estimator/`) and its image processor (`feature_extractor/`)."""
-    from diffusers import StableDiffusionDepth2ImgPipeline
-    from transformers import DPTForDepthEstimation, DPTImageProcessor
+def _for_mode(pipe, mode: str, model: ModelConfig, dtype: torch.dtype):
+    """The pipeline of `mode`, built with from_pipe: it shares the text-to-image pipeline's components (no
+    copy) and the Auto classes pick the family's own class (SD, SDXL, ...). One branch per mode."""
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
 
-    channels = pipe.unet.config.in_channels
-    if channels != 5:
-        raise UserError(
-            f"mode depth2img needs a depth-to-image model whose UNet takes 4 latent + 1 depth channels (e.g. stabilityai/stable-diffusion-2-depth); "
-            f"the UNet of {model.path} takes {channels}"
-        )
-    base, _ = resolve_model_path(model)
-    options = dict(local_files_only=model.local_files_only, revision=model.revision)
-    try:
-        depth_estimator = DPTForDepthEstimation.from_pretrained(base, subfolder="depth_estimator", dtype=dtype, **options)
-        processor = pipe.feature_extractor
-        if not isinstance(processor, DPTImageProcessor):
-            processor = DPTImageProcessor.from_pretrained(base, subfolder="feature_extractor", **options)
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"cannot load the depth estimator of {model.path!r} ({one_line(exc)}); mode depth2img needs its depth_estimator/ and feature_extractor/ "
-            "(a tiny one: `dreamshard tiny-model OUT --preset tiny-depth`)"
-        ) from None
-    components = {name: pipe.components[name] for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
-    return StableDiffusionDepth2ImgPipeline(**components, depth_estimator=depth_estimator, feature_extractor=processor)
+    if mode == "txt2img":
+        return pipe
+    if mode == "img2img":
+        return AutoPipelineForImage2Image.from_pipe(pipe)
+    if mode == "controlnet_seg":
+        return AutoPipelineForText2Image.from_pipe(pipe, controlnet=load_controlnet(model, dtype))
+    if mode == "depth2img":
+        return pipe  # loaded as the depth-to-image pipeline (load_base_pipeline)
+    raise UserError(f"mode {mode!r} has no pipeline; choose one of {', '.join(MODES)}")

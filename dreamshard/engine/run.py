@@ -30,6 +30,7 @@ from dreamshard.engine.conditioned import conditioner_for
 from dreamshard.engine.lease import LEASE, OutputLease
 from dreamshard.engine.models import model_identity
 from dreamshard.engine.plan import Plan, build_plan
+from dreamshard.engine.quality import check_clip_model, quality_identity
 from dreamshard.engine.worker import GenerationWorker
 from dreamshard.errors import RunFailure, UserError, one_line
 from dreamshard.format.layout import FORMAT_VERSION, LAYOUT, STATS, shard_counts
@@ -109,6 +110,7 @@ def generate(
     plan = build_plan(config.prompts, config.sampling, config.run.seed)
     conditioner = conditioner_for(config)  # conditioned modes: the source is pre-scanned here
     model_info = model_identity(config.model)
+    check_clip_model(config.quality.clip_model)
     parts = fingerprint_parts(config, plan, model_info, conditioner)
     fingerprints = {name: value if isinstance(value, str) else _digest(value) for name, value in parts.items()}
     store = _choose_output(config.output.path, fingerprints, force_new, parts)
@@ -216,17 +218,21 @@ def death_reason(exc: Exception) -> str:
 
 def fingerprint_parts(config: GenerateConfig, plan: Plan, model_info: dict, conditioner=None) -> dict:
     """What must match for new shards to belong with the ones already written: the plan (prompts, sampling,
-    seed), the weights by content (base, LoRA, ControlNet, hub commit) and how they are run, and the shard
-    layout. Not num_samples, workers, batch, output or where the weights lie. Dict-valued parts are digested
-    into the fingerprint and kept as they are in the run record, so a refusal can name what changed."""
+    seed), the weights by content (base or single-file checkpoint, variant, every LoRA with its scale,
+    ControlNet, hub commit) and how they are run, the quality scores and filter, and the shard layout with the
+    format version. Not num_samples, workers, batch, output, speed options (compile, attention,
+    channels_last, VAE slicing change pixels by float rounding at most) or where the weights lie. Dict-valued
+    parts are digested into the fingerprint and kept as they are in the run record, so a refusal can name
+    what changed."""
     model = config.model
     parts = {
         "plan": plan.fingerprint,
-        "model": {"hash": model_info["hash"], "revision": model_info["revision"], "lora": model_info["lora"],
-                  "controlnet": model_info["controlnet"], "scheduler": model.scheduler, "dtype": model.dtype,
-                  "lora_scale": model.lora_scale, "mode": config.mode},
-        "layout": {"samples_per_shard": config.output.samples_per_shard, "image_format": config.output.image_format,
-                   "quality": config.output.quality},
+        "model": {"hash": model_info["hash"], "revision": model_info["revision"], "variant": model_info["variant"],
+                  "config": model_info["config"], "loras": model_info["loras"], "controlnet": model_info["controlnet"],
+                  "scheduler": model.scheduler, "dtype": model.dtype, "mode": config.mode, "vae_tiling": config.run.vae_tiling},
+        "quality": quality_identity(config),
+        "layout": {"format_version": FORMAT_VERSION, "samples_per_shard": config.output.samples_per_shard,
+                   "image_format": config.output.image_format, "quality": config.output.quality},
     }  # fmt: skip
     if conditioner is not None:  # conditioned modes: which source items, and how they condition samples
         parts["source"] = conditioner.fingerprint

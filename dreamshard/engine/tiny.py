@@ -1,12 +1,18 @@
-"""Random-weight Stable Diffusion pipelines built locally (no hub): for tests, demos and benchmarks.
+"""Random-weight diffusion models built locally (no hub): for tests, demos and benchmarks.
 
 Presets:
 - `tiny`: a few hundred thousand parameters; a 64x64 image in a few ms per step on one CPU core.
 - `sd15`: the Stable Diffusion 1.5 architecture (UNet, VAE, CLIP ViT-L/14 text encoder: same shapes,
   random weights), so benchmarks measure real compute without the real weights.
+- `tiny-sdxl`: the SDXL architecture at tiny width: two text encoders (the second with a projection, whose
+  pooled output and the size / crop time ids form the UNet's `text_time` added embedding), SDXL's Euler
+  scheduler and VAE scaling; 64x64 images on a CPU.
+- `sdxl`: the SDXL 1.0 base shapes (UNet 2.6 B parameters, CLIP ViT-L + OpenCLIP bigG text encoders),
+  random weights, stored in float16 (7 GB) for GPU benchmarks.
 - `tiny-controlnet`: a `ControlNetModel` directory that matches the `tiny` UNet (conditioned modes).
 - `tiny-depth`: a `StableDiffusionDepth2ImgPipeline` with SD-2-depth's layout (a UNet taking 5 input channels:
   4 latent + 1 depth) and its own tiny DPT depth estimator and image processor (mode depth2img).
+- `tiny-clip`: a `CLIPModel` + `CLIPProcessor` directory (quality.clip_model in tests).
 
 The tokenizer is a real `CLIPTokenizer` whose vocabulary is built here: every byte-level character plus
 whole-word tokens (with the merges that form them) for a built-in word list, so common prompt words are
@@ -23,7 +29,7 @@ import torch
 
 from dreamshard.format.store import atomic_path
 
-PRESETS = ("tiny", "sd15", "tiny-controlnet", "tiny-depth")
+PRESETS = ("tiny", "sd15", "tiny-sdxl", "sdxl", "tiny-controlnet", "tiny-depth", "tiny-clip")
 
 # Words that get a single token: prompt vocabulary of the published recipes (classes, styles, templates).
 _WORDS = """a an the of in on at with and or photo picture image scene view street city urban road
@@ -53,6 +59,10 @@ def build_tiny_model(out: str | Path, preset: str = "tiny", seed: int = 0) -> Pa
         elif preset == "tiny-depth":
             with tempfile.TemporaryDirectory() as tokenizer_dir:
                 _tiny_depth_pipeline(tokenizer_dir).save_pretrained(tmp, safe_serialization=True)
+        elif preset == "tiny-clip":
+            _tiny_clip(tmp)
+        elif preset in ("tiny-sdxl", "sdxl"):
+            _sdxl_pipeline(preset, tmp)
         else:
             from diffusers import StableDiffusionPipeline
 
@@ -69,6 +79,41 @@ def build_tiny_model(out: str | Path, preset: str = "tiny", seed: int = 0) -> Pa
                 )
                 pipe.save_pretrained(tmp, safe_serialization=True)
     return out
+
+
+def _sdxl_pipeline(preset: str, out: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        tokenizer = build_tokenizer(tokenizer_dir)
+        pipe = StableDiffusionXLPipeline(
+            vae=_vae(preset),
+            text_encoder=_text_encoder(preset),
+            text_encoder_2=_text_encoder_2(preset),
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=_unet(preset),
+            scheduler=_sdxl_scheduler(),
+        )
+        if preset == "sdxl":  # 3.5 B parameters: float16 halves the files (14 -> 7 GB); benchmarks run in fp16
+            pipe.to(torch.float16)
+        pipe.save_pretrained(out, safe_serialization=True)
+
+
+def _tiny_clip(out: Path) -> None:
+    """A CLIPModel (text and vision towers, 32 wide) and its processor: the tokenizer here, 32x32 images."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    vocab = _vocab()
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    text = dict(vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+                eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"], **tower)  # fmt: skip
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=dict(image_size=32, patch_size=8, **tower), projection_dim=32))
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        processor = CLIPProcessor(image_processor=images, tokenizer=build_tokenizer(tokenizer_dir))
+        processor.save_pretrained(out)
+    model.save_pretrained(out, safe_serialization=True)
 
 
 # ----------------------------------------------------------------------------------------- components
@@ -119,6 +164,37 @@ def _unet(preset: str):
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         )
+    if preset == "sdxl":  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+        return UNet2DConditionModel(
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + 1280 pooled text
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        )
+    if preset == "tiny-sdxl":
+        return UNet2DConditionModel(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4),
+            cross_attention_dim=64,  # the two text encoders' hidden states side by side (32 + 32)
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids (sizes, crop) x 8 + the pooled projection
+            norm_num_groups=16,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        )
     return UNet2DConditionModel(
         sample_size=8,
         block_out_channels=(32, 64),
@@ -134,12 +210,14 @@ def _unet(preset: str):
 def _vae(preset: str):
     from diffusers import AutoencoderKL
 
-    if preset == "sd15":
+    if preset in ("sd15", "sdxl"):
         return AutoencoderKL(
             block_out_channels=(128, 256, 512, 512),
             layers_per_block=2,
             latent_channels=4,
-            sample_size=512,
+            sample_size=1024 if preset == "sdxl" else 512,
+            scaling_factor=0.13025 if preset == "sdxl" else 0.18215,
+            force_upcast=preset == "sdxl",
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
         )
@@ -150,6 +228,7 @@ def _vae(preset: str):
         latent_channels=4,
         norm_num_groups=8,
         sample_size=64,
+        scaling_factor=0.13025 if preset == "tiny-sdxl" else 0.18215,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
     )
@@ -161,7 +240,7 @@ def _text_encoder(preset: str):
     vocab = _vocab()
     vocab_size = len(vocab)
     special = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
-    if preset == "sd15":  # openai/clip-vit-large-patch14 text tower
+    if preset in ("sd15", "sdxl"):  # openai/clip-vit-large-patch14 text tower
         config = CLIPTextConfig(
             vocab_size=max(vocab_size, 49408),
             hidden_size=768,
@@ -185,6 +264,36 @@ def _text_encoder(preset: str):
             **special,
         )
     return CLIPTextModel(config)
+
+
+def _text_encoder_2(preset: str):
+    """SDXL's second text encoder: with a projection (its pooled output feeds the UNet's added embedding)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    vocab = _vocab()
+    special = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
+    if preset == "sdxl":  # laion/CLIP-ViT-bigG-14-laion2B-39B-b160k text tower
+        config = CLIPTextConfig(vocab_size=max(len(vocab), 49408), hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, **special)  # fmt: skip
+    else:
+        config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=77, projection_dim=32, **special)  # fmt: skip
+    return CLIPTextModelWithProjection(config)
+
+
+def _sdxl_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    # Stable Diffusion XL base 1.0's scheduler config.
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
 
 
 def _scheduler():

@@ -59,6 +59,43 @@ class DatasetInfo:
     model: dict
     counts: dict[str, Counter] = field(default_factory=dict)  # "class", "template", "style: <axis>" -> counts
     runs: list[dict] = field(default_factory=list)  # OUT/stats.jsonl: one record per generate call
+    quality: QualitySummary | None = None  # None: no shard was scored or filtered
+
+
+@dataclass
+class QualitySummary:
+    """The quality columns of the committed samples and the redraw tallies of their shard markers."""
+
+    clip_scores: list[float]  # of the samples that have one
+    attempts: Counter  # attempts -> samples
+    nsfw: Counter  # True / False / None (no checker) -> samples
+    draws: int  # images generated for the committed samples (draws >= samples)
+    rejected: Counter  # reason -> rejected draws
+    exhausted: int  # samples kept after max_attempts without passing
+
+    @classmethod
+    def of(cls, rows: list[dict], markers: list[dict]) -> QualitySummary:
+        tallies = [marker["quality"] for marker in markers if isinstance(marker.get("quality"), dict)]
+        rejected: Counter = Counter()
+        for tally in tallies:
+            rejected.update(tally.get("rejected", {}))
+        return cls(
+            clip_scores=[row["clip_score"] for row in rows if row.get("clip_score") is not None],
+            attempts=Counter(row.get("attempts", 1) for row in rows),
+            nsfw=Counter(row.get("nsfw") for row in rows),
+            draws=sum(tally.get("draws", 0) for tally in tallies) or len(rows),
+            rejected=rejected,
+            exhausted=sum(tally.get("exhausted", 0) for tally in tallies),
+        )
+
+    def histogram(self, bins: int = 10) -> list[tuple[float, float, int]]:
+        """(low, high, count) of `bins` equal-width bins over the CLIP scores (the last bin includes its top)."""
+        if not self.clip_scores:
+            return []
+        low, high = min(self.clip_scores), max(self.clip_scores)
+        width = (high - low) / bins or 1.0
+        counts = Counter(min(int((score - low) / width), bins - 1) for score in self.clip_scores)
+        return [(low + k * width, low + (k + 1) * width, counts[k]) for k in range(bins)]
 
 
 def inspect_dataset(out: str | Path) -> DatasetInfo:
@@ -69,6 +106,8 @@ def inspect_dataset(out: str | Path) -> DatasetInfo:
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise UserError(f"{out}: an index file of a committed shard is unreadable ({one_line(exc)}); run `dreamshard verify {out}`") from None
     counts: dict[str, Counter] = {"class": Counter(), "template": Counter()}
+    markers = list(committed.values())
+    quality = QualitySummary.of(rows, markers) if any("quality" in marker for marker in markers) else None  # scored or filtered runs
     for row in rows:
         counts["class"][row["class_name"] or "(none)"] += 1
         counts["template"][row["template"] or "(none)"] += 1
@@ -85,6 +124,7 @@ def inspect_dataset(out: str | Path) -> DatasetInfo:
         model=record.get("model", {}),
         counts=counts,
         runs=read_stats(store),
+        quality=quality,
     )
 
 
@@ -125,6 +165,8 @@ def inspect_tables(info: DatasetInfo) -> list[Table]:
                 str(run.get("retries", "?")), str(run.get("failed_workers", "?")),
             )  # fmt: skip
         tables.append(runs)
+    if info.quality is not None:
+        tables += quality_tables(info.quality, info.samples)
     total = max(info.samples, 1)
     for name, counter in info.counts.items():
         table = Table(title=name)
@@ -134,6 +176,39 @@ def inspect_tables(info: DatasetInfo) -> list[Table]:
         for value, count in sorted(counter.items(), key=lambda item: (-item[1], item[0])):
             table.add_row(value, str(count), f"{100 * count / total:.1f}%")
         tables.append(table)
+    return tables
+
+
+def quality_tables(quality: QualitySummary, samples: int) -> list[Table]:
+    """Redraws and rejections, the CLIP score histogram, the attempts per sample."""
+    overview = Table(title="quality", show_header=False)
+    overview.add_row("draws", f"{quality.draws} for {samples} samples ({quality.draws - samples} redraws)")
+    for reason, count in sorted(quality.rejected.items()):
+        overview.add_row(f"rejected: {reason}", str(count))
+    overview.add_row("exhausted (kept after max_attempts)", str(quality.exhausted))
+    checked = quality.nsfw[True] + quality.nsfw[False]
+    overview.add_row("nsfw", f"{quality.nsfw[True]} flagged of {checked} checked" if checked else "no safety checker")
+    if quality.clip_scores:
+        ordered = sorted(quality.clip_scores)
+        overview.add_row("clip_score", f"min {ordered[0]:.2f}, median {ordered[len(ordered) // 2]:.2f}, max {ordered[-1]:.2f}")
+    else:
+        overview.add_row("clip_score", "not scored (no quality.clip_model)")
+    tables = [overview]
+    histogram = quality.histogram()
+    if histogram:
+        scores = Table(title="clip_score histogram")
+        for column in ("from", "to", "samples", ""):
+            scores.add_column(column, justify="left" if not column else "right")
+        top = max(count for _, _, count in histogram) or 1
+        for low, high, count in histogram:
+            scores.add_row(f"{low:.2f}", f"{high:.2f}", str(count), "#" * round(30 * count / top))
+        tables.append(scores)
+    attempts = Table(title="attempts per sample")
+    attempts.add_column("attempts", justify="right")
+    attempts.add_column("samples", justify="right")
+    for value, count in sorted(quality.attempts.items()):
+        attempts.add_row(str(value), str(count))
+    tables.append(attempts)
     return tables
 
 
@@ -237,7 +312,8 @@ def _verify_shard(store, shard, marker, image_format, decode_images, problems) -
                 except (OSError, ValueError, Image.DecompressionBombError) as exc:
                     problems.append(f"sample {key}: image does not decode ({one_line(exc, limit=120)})")
                 else:
-                    _check_not_blank(key, raw[image_format], problems)
+                    if not (isinstance(meta, dict) and meta.get("nsfw")):  # flagged and kept: a black frame on purpose
+                        _check_not_blank(key, raw[image_format], problems)
             found.append((key, fields))
     except (OSError, tarfile.TarError, ValueError, KeyError, TypeError) as exc:
         problems.append(f"shard {shard}: unreadable ({type(exc).__name__}: {one_line(exc, limit=160)})")

@@ -17,6 +17,7 @@ import queue
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import torch
@@ -26,6 +27,7 @@ from dreamshard.engine.conditioned import Conditioner
 from dreamshard.engine.generation import GENERATORS, SampleStamp, batches, check_scheduler_takes_eta, sampler_arguments
 from dreamshard.engine.models import load_pipeline
 from dreamshard.engine.plan import SampleSpec
+from dreamshard.engine.quality import REASONS, QualityJudge, draw_judged
 from dreamshard.errors import RunFailure, UserError
 from dreamshard.format.shards import ShardSample, ShardWriter
 from dreamshard.format.store import Store
@@ -57,8 +59,9 @@ class GenerationWorker:
             return
         load_started = time.perf_counter()
         try:
-            self.pipe = load_pipeline(config.model, config.mode)
+            self.pipe = load_pipeline(config.model, config.mode, speed=config.run)
             check_scheduler_takes_eta(self.pipe.scheduler, config.sampling.eta)
+            self._judge = QualityJudge(config, self.pipe.device) if QualityJudge.wanted(config) else None
         except Exception as exc:  # surfaced by ready(): the driver stops instead of restarting a doomed worker
             self._load_error = exc
             return
@@ -91,25 +94,33 @@ class GenerationWorker:
             with ShardWriter(self.store, shard, output.image_format, output.quality) as writer:
                 writer.expect([spec.index for spec in specs])
                 pending = _WriterThread(writer, capacity=2 * self.config.run.batch_size)
+                tally: Counter = Counter()  # quality: draws, rejections by reason, exhausted samples
                 try:
                     with self._pipeline_lock:  # released before the flush and commit: the next shard starts now
-                        for sample in self._generate(shard, specs):
+                        for sample in self._generate(shard, specs, tally):
                             pending.put(sample)
                 finally:
                     pending.close()
-                return writer.commit({"worker": self.name})
+                info = {"worker": self.name}
+                if self._judge is not None:
+                    info["quality"] = {"draws": tally["draws"], "exhausted": tally["exhausted"], "rejected": {r: tally[r] for r in REASONS}}
+                return writer.commit(info)
         except OSError as exc:  # full disk, permissions: the user must act, retrying will not help
             message = f"cannot write shard {shard} to {self.store.url}: {exc.strerror or exc}"
             if exc.errno == errno.ENOSPC:
                 raise RunFailure(f"{message}; free space or choose another --out, then re-run to resume") from None
             raise UserError(f"{message}; choose a writable output path with --out") from None
 
-    def _generate(self, shard: int, specs: list[SampleSpec]) -> Iterator[ShardSample]:
+    def _generate(self, shard: int, specs: list[SampleSpec], tally: Counter) -> Iterator[ShardSample]:
         generate, done = self._generate_batch, 0
         self._progress = (shard, 0)
         for batch in batches(specs, self.config.run.batch_size):
             started = time.perf_counter()
-            samples = generate(self.pipe, batch, self._stamp, **self._sampler)
+            if self._judge is None:
+                samples = generate(self.pipe, batch, self._stamp, **self._sampler)
+            else:  # scored, and rejected samples redrawn from their own seed streams
+                samples, batch_tally = draw_judged(generate, self.pipe, batch, self._stamp, self._judge, **self._sampler)
+                tally.update(batch_tally)
             seconds = round((time.perf_counter() - started) / len(batch), 4)
             for sample in samples:
                 sample.metadata.update(worker=self.name, seconds=seconds)  # run facts: index Parquet only

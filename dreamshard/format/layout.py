@@ -11,7 +11,7 @@ manifest.parquet                all index/*.parquet rows, written when the run c
 
 from __future__ import annotations
 
-FORMAT_VERSION = 2  # of the run directory layout; 2: worker/seconds left the sample json for the index
+FORMAT_VERSION = 3  # of the run directory layout; 2: worker/seconds left the sample json for the index; 3: nsfw, clip_score, attempts
 RUN_RECORD = "dreamshard.json"
 MANIFEST = "manifest.parquet"
 SIZES = "shards/sizes.json"

@@ -47,6 +47,11 @@ SAMPLE_FIELDS = (
     Field("model", pa.string(), {"id": "", "hash": ""}, json_text=True),
     Field("mode", pa.string(), "txt2img"),
     Field("source_key", pa.string(), ""),
+    # Quality (engine/quality.py): the safety checker's verdict (null: no checker ran), 100 x the CLIP cosine of
+    # image and prompt (null: no clip_model), and how many draws the sample took (1: its first was kept).
+    Field("nsfw", pa.bool_(), None),
+    Field("clip_score", pa.float64(), None),
+    Field("attempts", pa.int64(), 1),
     Field("extra", pa.string(), {}, json_text=True),  # prompt-file columns and the like
     Field("worker", pa.string(), "", in_json=False),
     Field("seconds", pa.float64(), 0.0, in_json=False),
