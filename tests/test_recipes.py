@@ -285,3 +285,10 @@ def test_zodi_and_didex_configs_use_the_recipes(monkeypatch):
         check_settings(didex)
         specs = build_plan(didex.prompts, didex.sampling, didex.run.seed).specs(0, 20)
         assert all(spec.prompt.startswith("A high quality photo; ") for spec in specs)
+
+
+def test_stochastic_inversion_refuses_an_sdxl_pipeline_in_one_line(tiny_sdxl):
+    pipe = load_pipeline(ModelConfig(path=str(tiny_sdxl), device="cpu"), "img2img")
+    image = Image.new("RGB", (64, 64), "gray")
+    with pytest.raises(UserError, match="built for SD 1.x/2.x pipelines .*StableDiffusionXLImg2ImgPipeline"):
+        stochastic_inversion(pipe, [image], ["a street"], [torch.Generator().manual_seed(0)], steps=2, strength=0.5)

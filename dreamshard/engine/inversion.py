@@ -40,6 +40,11 @@ def stochastic_inversion(
 ) -> torch.Tensor:
     """The inverted start latents x_t of `images` for an img2img pipeline (`pipe`: StableDiffusionImg2Img or,
     with `control`, StableDiffusionControlNetImg2Img) called with the same steps, strength and generators."""
+    if hasattr(pipe, "text_encoder_2"):  # SDXL encodes prompts with two encoders and extra time ids
+        raise UserError(
+            f"condition.init_noise stochastic_inversion is built for SD 1.x/2.x pipelines (ZoDi's SD 1.5); {type(pipe).__name__} is not one: "
+            "use condition.init_noise: random with this model"
+        )
     if pipe.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
         raise UserError(
             f"condition.init_noise stochastic_inversion needs a model that predicts noise (epsilon); this one predicts {pipe.scheduler.config.prediction_type}"
