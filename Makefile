@@ -26,12 +26,16 @@ $(TINY_CN)/config.json: | $(STAMP)
 demo: setup $(TINY)/model_index.json
 	$(BIN)/dreamshard generate configs/quickstart.yaml
 
+# Two test processes, each with its own local Ray, one test file each at a time (module fixtures built once):
+# most tests wait on process start-up, Ray workers and model loads, so two share 2 cores well.
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
 test: setup lint
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 # Unit tests only: no end-to-end runs (those are marked slow).
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check dreamshard tests bench

@@ -47,6 +47,7 @@ def test_a_hub_id_is_fingerprinted_by_its_cached_snapshot_and_commit(hub_cache):
 def test_a_cached_hub_id_loads_offline_and_a_missing_one_is_one_line(hub_cache):
     pipe = load_pipeline(ModelConfig(path="org/tiny", device="cpu"))
     assert type(pipe).__name__ == "StableDiffusionPipeline"
-    assert model_identity(ModelConfig(path="org/absent"))["hash"] == "hub:org/absent@main"  # nothing to hash
+    with pytest.raises(UserError, match="'org/absent' is not in this machine's Hugging Face cache"):
+        model_identity(ModelConfig(path="org/absent"))  # nothing to hash: refused before any worker starts
     with pytest.raises(UserError, match="cannot load model 'org/absent'.*local Hugging Face cache"):
         load_pipeline(ModelConfig(path="org/absent", device="cpu"))

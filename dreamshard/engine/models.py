@@ -211,7 +211,7 @@ def model_identity(model: ModelConfig) -> dict:
 def _content_hash(path_or_id: str, revision: str | None, local_files_only: bool) -> tuple[str, str | None]:
     """(content hash, hub commit or None) of a local model, or of a hub id: the content of its snapshot in the
     local HF cache; not cached and the hub allowed: the hub's commit for the revision (itself a content
-    address), without downloading gigabytes on the driver."""
+    address), without downloading gigabytes on the driver; not cached and the hub not allowed: one line."""
     if Path(path_or_id).expanduser().exists() or _looks_local(path_or_id):
         return model_fingerprint(path_or_id), None
     from huggingface_hub import HfApi, snapshot_download
@@ -220,8 +220,12 @@ def _content_hash(path_or_id: str, revision: str | None, local_files_only: bool)
         snapshot = Path(snapshot_download(path_or_id, revision=revision, local_files_only=True))
         return model_fingerprint(snapshot), snapshot.name
     except Exception:  # noqa: BLE001 - not in the cache (or no such repo)
-        if local_files_only:  # the loader then refuses it with one line; nothing is generated
-            return f"hub:{path_or_id}@{revision or 'main'}", revision
+        if local_files_only:  # a name alone would let other weights under the same name into the run
+            raise UserError(
+                f"model {path_or_id!r}{f' at revision {revision}' if revision else ''} is not in this machine's Hugging Face cache "
+                "(model.local_files_only is true; the driver hashes the weights before any worker starts): fill the cache "
+                "(`hf download`, docs/cluster.md), point it at the cache with HF_HOME, or give a local directory"
+            ) from None
     try:
         commit = HfApi().model_info(path_or_id, revision=revision).sha
     except Exception as exc:  # noqa: BLE001
