@@ -21,7 +21,7 @@ from dreamshard.config import GenerateConfig, LoraConfig, ModelConfig, RunConfig
 from dreamshard.engine.generation import call_pipeline
 from dreamshard.engine.models import load_pipeline, model_fingerprint, model_identity
 from dreamshard.engine.plan import build_plan
-from dreamshard.engine.run import _differing, _digest, fingerprint_parts, generate
+from dreamshard.engine.run import _digest, differing_parts, fingerprint_digests, fingerprint_parts, generate
 from dreamshard.engine.tools import verify_dataset
 from dreamshard.errors import ConfigError, UserError
 from dreamshard.format.store import Store
@@ -177,8 +177,8 @@ def test_two_loras_with_scales_fuse_change_the_images_and_the_fingerprint(tiny_m
     assert _digest(parts["model"]) != _digest(other["model"])
     store = Store(tmp_path / "run")
     store.makedirs()
-    store.write_json("dreamshard.json", {"fingerprints": {name: _digest(v) for name, v in parts.items()}, "fingerprint_parts": parts})
-    differs = _differing(store, {name: _digest(v) for name, v in other.items()}, other)
+    store.write_json("dreamshard.json", {"fingerprints": fingerprint_digests(parts), "fingerprint_parts": parts})
+    differs = differing_parts(store, fingerprint_digests(other), other)
     assert len(differs) == 1 and differs[0].startswith("model (loras: ") and "'scale': 0.7" in differs[0]
     with pytest.raises(UserError, match="LoRA weights .* not found"):
         load_pipeline(config(loras=[LoraConfig(path=str(tmp_path / "missing.safetensors"))]))

@@ -12,7 +12,7 @@ from dreamshard.config import GenerateConfig
 from dreamshard.engine.conditioned import check_settings
 from dreamshard.engine.models import model_identity
 from dreamshard.engine.plan import build_plan
-from dreamshard.engine.run import _differing, _digest, _resolved, fingerprint_parts
+from dreamshard.engine.run import differing_parts, fingerprint_digests, fingerprint_parts, resolved_config
 from dreamshard.errors import UserError
 from dreamshard.format.layout import shard_counts
 from dreamshard.format.reader import committed_shards, read_run_record
@@ -40,7 +40,7 @@ class PlanReport:
 
 
 def dry_run(config: GenerateConfig, out: str | None = None, num_samples: int | None = None, first: int = 10) -> PlanReport:
-    config = _resolved(config, out, num_samples)
+    config = resolved_config(config, out, num_samples)
     plan = build_plan(config.prompts, config.sampling, config.run.seed)
     check_settings(config)
     counts = shard_counts(config.run.num_samples, config.output.samples_per_shard)
@@ -86,8 +86,8 @@ def _what_generate_would_do(config: GenerateConfig, plan, store: Store, counts: 
         parts.pop("quality")
         model_note += f"; the quality part was not checked (no {clip_model} here)"
     # The source of a conditioned mode is not listed here (no pre-scan in a dry run): only what is compared.
-    fingerprints = {name: value if isinstance(value, str) else _digest(value) for name, value in parts.items()}
-    differs = _differing(store, fingerprints, parts)
+    fingerprints = fingerprint_digests(parts)
+    differs = differing_parts(store, fingerprints, parts)
     if differs:
         return "refuse", f"the output holds a dataset made with a different {' and '.join(differs)}", {}
     committed = committed_shards(store, config.output.samples_per_shard)

@@ -100,7 +100,7 @@ def generate(
     `config.output.path`). Bad input raises UserError before any worker starts; shards that still fail
     after their retries are listed in the summary's `failed_shards` (and no manifest is written)."""
     started, started_at = time.perf_counter(), time.time()
-    config = _resolved(config, out, num_samples)
+    config = resolved_config(config, out, num_samples)
     shards = -(-config.run.num_samples // config.output.samples_per_shard)
     if shards > MAX_SHARDS:
         raise UserError(
@@ -112,7 +112,7 @@ def generate(
     model_info = model_identity(config.model)
     check_clip_model(config.quality.clip_model)
     parts = fingerprint_parts(config, plan, model_info, conditioner)
-    fingerprints = {name: value if isinstance(value, str) else _digest(value) for name, value in parts.items()}
+    fingerprints = fingerprint_digests(parts)
     store = _choose_output(config.output.path, fingerprints, force_new, parts)
     if store.url != config.output.path:
         log.warning("writing to %s (a new directory, --force-new)", store.url)
@@ -216,6 +216,11 @@ def death_reason(exc: Exception) -> str:
     return one_line(exc, limit=300)
 
 
+def fingerprint_digests(parts: dict) -> dict[str, str]:
+    """{part: digest}: what the run record stores and compares (string parts as they are)."""
+    return {name: value if isinstance(value, str) else _digest(value) for name, value in parts.items()}
+
+
 def fingerprint_parts(config: GenerateConfig, plan: Plan, model_info: dict, conditioner=None) -> dict:
     """What must match for new shards to belong with the ones already written: the plan (prompts, sampling,
     seed), the weights by content (base or single-file checkpoint, variant, every LoRA with its scale,
@@ -242,7 +247,7 @@ def fingerprint_parts(config: GenerateConfig, plan: Plan, model_info: dict, cond
 # -------------------------------------------------------------------------------------- output directory
 
 
-def _resolved(config: GenerateConfig, out: str | None, num_samples: int | None) -> GenerateConfig:
+def resolved_config(config: GenerateConfig, out: str | None, num_samples: int | None) -> GenerateConfig:
     config = config.model_copy(deep=True)
     if out is not None:
         config.output.path = str(out)
@@ -254,7 +259,7 @@ def _resolved(config: GenerateConfig, out: str | None, num_samples: int | None) 
 def _choose_output(path: str, fingerprints: dict[str, str], force_new: bool, parts: dict | None = None) -> Store:
     """`path` if it is new, empty or holds this same dataset; with force_new, the first sibling `path-2`,
     `path-3`, ... that is. Refuses to mix datasets."""
-    differs = _differing(Store(path), fingerprints, parts)
+    differs = differing_parts(Store(path), fingerprints, parts)
     if not differs:
         return Store(path)
     if not force_new:
@@ -264,12 +269,12 @@ def _choose_output(path: str, fingerprints: dict[str, str], force_new: bool, par
         )
     for number in range(2, 1000):
         candidate = f"{path.rstrip('/')}-{number}"
-        if not _differing(Store(candidate), fingerprints, parts):
+        if not differing_parts(Store(candidate), fingerprints, parts):
             return Store(candidate)
     raise UserError(f"no free sibling directory for {path}; choose another --out")
 
 
-def _differing(store: Store, fingerprints: dict[str, str], parts: dict | None = None) -> list[str]:
+def differing_parts(store: Store, fingerprints: dict[str, str], parts: dict | None = None) -> list[str]:
     """Parts of the fingerprint that differ from the run record in `store` ([] if new or the same), naming
     the changed keys where the record keeps the parts (e.g. `model (lora: 3f2a... then, 9c1b... now)`)."""
     try:
