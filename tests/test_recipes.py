@@ -292,3 +292,28 @@ def test_stochastic_inversion_refuses_an_sdxl_pipeline_in_one_line(tiny_sdxl):
     image = Image.new("RGB", (64, 64), "gray")
     with pytest.raises(UserError, match="built for SD 1.x/2.x pipelines .*StableDiffusionXLImg2ImgPipeline"):
         stochastic_inversion(pipe, [image], ["a street"], [torch.Generator().manual_seed(0)], steps=2, strength=0.5)
+
+
+def test_plan_lists_the_source_and_checks_the_pairing(cityscapes, tmp_path):
+    """`dreamshard plan` on the ZoDi recipe, without its model: the source is listed (3 items here), so a
+    num_samples that does not pair each item once with each domain is refused as generate would refuse it."""
+    from typer.testing import CliRunner
+
+    from dreamshard.cli import app
+
+    root, _ = cityscapes
+    config, domains = (
+        str(REPO / "configs/zodi_controlnet.yaml"),
+        len(load_config(REPO / "configs/zodi_controlnet.yaml", GenerateConfig).prompts.styles["domain"]),
+    )
+
+    def plan(*sets):
+        result = CliRunner().invoke(app, ["plan", config, "--out", str(tmp_path / "zodi"), "--set", f"source.root={root}", *sets])
+        return result.exit_code, result.output
+
+    code, output = plan("--set", f"run.num_samples={3 * domains}")
+    assert code == 0 and "generate would: fresh" in output and "source: 3 cityscapes items listed" in output, output
+    code, output = plan()  # the shipped 2975 x domains
+    assert code == 2 and f"set run.num_samples to {3 * domains}" in output and "Traceback" not in output, output
+    code, output = plan("--set", f"source.root={tmp_path / 'elsewhere'}")  # not on this machine: planned, with a note
+    assert code == 0 and "the source was not listed" in output, output

@@ -205,9 +205,8 @@ def conditioner_for(config: GenerateConfig) -> Conditioner | None:
     check_settings(config)
     if config.mode not in CONDITIONED_MODES:
         return None
-    _check_strength_settings(config)
     source = open_checked_source(config.source, config.mode)
-    _check_pairing(config, len(source))
+    check_pairing(config, len(source))
     return Conditioner(config.mode, source, config.condition, config.source.num_classes, config.prompts)
 
 
@@ -225,13 +224,19 @@ def check_settings(config: GenerateConfig) -> None:
         raise UserError(f"{{classes}} names the classes in each sample's source label: it needs a conditioned mode ({conditioned}), not {mode}")
     if config.condition.init_noise == "stochastic_inversion" and mode not in ("controlnet_seg", "img2img"):
         raise UserError(f"condition.init_noise stochastic_inversion works in modes controlnet_seg and img2img, not {mode}; set it to random")
+    if mode in CONDITIONED_MODES:
+        _check_strength_settings(config)
+
+
+def required_source(config: SourceConfig | None, mode: str) -> SourceConfig:
+    if config is None:
+        raise UserError(f"mode {mode} needs a labelled source: set source.layout and source.root (see configs/zodi_controlnet.yaml)")
+    return config
 
 
 def open_checked_source(config: SourceConfig | None, mode: str) -> LabelledSource:
     """List and pre-scan the source of a conditioned mode: every problem surfaces before generation starts."""
-    if config is None:
-        raise UserError(f"mode {mode} needs a labelled source: set source.layout and source.root (see configs/zodi_controlnet.yaml)")
-    source = scan(open_source(config))
+    source = scan(open_source(required_source(config, mode)))
     log.info("source: %d %s item(s) under %s, passed the pre-scan (%s)", len(source), config.layout, config.root, config.scan)
     if source.skipped:
         log.warning("source: skipped %d bad item(s) of %d (skip_bad), e.g. %s", len(source.skipped), len(source) + len(source.skipped), source.skipped[0])
@@ -265,7 +270,8 @@ def _check_strengths(mode: str, condition: ConditionConfig) -> None:
         raise UserError(f"mode {mode} needs condition.strength (how far to noise the source, e.g. 0.75; DIDEX uses 0.9)")
 
 
-def _check_pairing(config: GenerateConfig, items: int) -> None:
+def check_pairing(config: GenerateConfig, items: int) -> None:
+    """With prompts.pair_items_with, num_samples must be items x values (each pair once); `plan` checks it too."""
     axis = config.prompts.pair_items_with
     if axis is None:
         return

@@ -8,8 +8,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dreamshard.config import GenerateConfig
-from dreamshard.engine.conditioned import check_settings
+from dreamshard.config import CONDITIONED_MODES, GenerateConfig
+from dreamshard.datasets.sources import open_source
+from dreamshard.engine.conditioned import check_pairing, check_settings, required_source
 from dreamshard.engine.models import model_identity
 from dreamshard.engine.plan import build_plan
 from dreamshard.engine.run import differing_parts, fingerprint_digests, fingerprint_parts, resolved_config
@@ -43,6 +44,7 @@ def dry_run(config: GenerateConfig, out: str | None = None, num_samples: int | N
     config = resolved_config(config, out, num_samples)
     plan = build_plan(config.prompts, config.sampling, config.run.seed)
     check_settings(config)
+    source_note = _check_source(config)
     counts = shard_counts(config.run.num_samples, config.output.samples_per_shard)
     counted = min(config.run.num_samples, COUNT_LIMIT)
     specs = plan.specs(0, counted)
@@ -59,10 +61,25 @@ def dry_run(config: GenerateConfig, out: str | None = None, num_samples: int | N
     store = Store(config.output.path)
     action, detail, committed = _what_generate_would_do(config, plan, store, counts)
     estimate, basis = _estimate_bytes(config, committed)
+    detail += source_note
     return PlanReport(
         out=config.output.path, samples=config.run.num_samples, shards=len(counts), samples_per_shard=config.output.samples_per_shard,
         action=action, detail=detail, estimated_bytes=estimate, bytes_basis=basis, first=shown, counts=tallies, counted=counted,
     )  # fmt: skip
+
+
+def _check_source(config: GenerateConfig) -> str:
+    """A conditioned mode's source, listed (cheap: file names only) so that a wrong root or a num_samples that
+    does not pair every item once (prompts.pair_items_with) fails here as it would in generate. The pre-scan of
+    every label is left to generate; a source that is not on this machine is skipped with a note."""
+    if config.mode not in CONDITIONED_MODES:
+        return ""
+    source_config = required_source(config.source, config.mode)
+    if not Path(source_config.root).expanduser().is_dir():
+        return f"; the source was not listed (no {source_config.root} here)"
+    source = open_source(source_config)
+    check_pairing(config, len(source))
+    return f"; source: {len(source)} {source_config.layout} items listed (generate pre-scans their labels)"
 
 
 def _what_generate_would_do(config: GenerateConfig, plan, store: Store, counts: list[int]) -> tuple[str, str, dict]:
