@@ -16,8 +16,9 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 def write_random_lora(base: Path, out: Path, seed: int, rank: int = 4) -> Path:
     """A LoRA on the base UNet's attention projections with random (non-zero) A and B, saved as
-    `pytorch_lora_weights.safetensors` in `out`, as `dreamshard personalize` would."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    `pytorch_lora_weights.safetensors` in `out`, as `dreamshard personalize` would (SDXL bases: as diffusers'
+    SDXL DreamBooth LoRA script writes it)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -31,7 +32,10 @@ def write_random_lora(base: Path, out: Path, seed: int, rank: int = 4) -> Path:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
     out.mkdir(parents=True, exist_ok=True)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, weight_name="pytorch_lora_weights.safetensors", safe_serialization=True)
+    sdxl = json.loads((base / "model_index.json").read_text())["_class_name"].startswith("StableDiffusionXL")
+    (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).save_lora_weights(
+        out, unet_lora_layers=layers, weight_name="pytorch_lora_weights.safetensors", safe_serialization=True
+    )
     return out / "pytorch_lora_weights.safetensors"
 
 

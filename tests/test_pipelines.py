@@ -184,6 +184,18 @@ def test_two_loras_with_scales_fuse_change_the_images_and_the_fingerprint(tiny_m
         load_pipeline(config(loras=[LoraConfig(path=str(tmp_path / "missing.safetensors"))]))
 
 
+def test_loras_on_sdxl_fuse_into_its_unet_and_change_the_images(tiny_sdxl, tmp_path):
+    a, b = write_random_lora(tiny_sdxl, tmp_path / "a", seed=1), write_random_lora(tiny_sdxl, tmp_path / "b", seed=2)
+    base = load_pipeline(ModelConfig(path=str(tiny_sdxl), device="cpu"))
+    weighted = load_pipeline(ModelConfig(path=str(tiny_sdxl), device="cpu", loras=[LoraConfig(path=str(a), scale=0.5), LoraConfig(path=str(b), scale=0.8)]))
+    assert type(weighted).__name__ == "StableDiffusionXLPipeline" and not any("lora" in name for name in weighted.unet.state_dict())
+    layer = next(key.removeprefix("unet.").removesuffix(".lora.up.weight") for key in load_file(a) if key.endswith(".lora.up.weight"))
+    delta = sum(scale * w[f"unet.{layer}.lora.up.weight"] @ w[f"unet.{layer}.lora.down.weight"] for scale, w in ((0.5, load_file(a)), (0.8, load_file(b))))
+    fused = weighted.unet.state_dict()[f"{layer}.weight"] - base.unet.state_dict()[f"{layer}.weight"]
+    torch.testing.assert_close(fused, delta, rtol=1e-4, atol=1e-5)
+    assert np.abs(pixels(call_pipeline(weighted, specs())) - pixels(call_pipeline(base, specs()))).max() > 10
+
+
 # ------------------------------------------------------------------------------------- attention and speed
 
 
