@@ -69,9 +69,10 @@ def dry_run(config: GenerateConfig, out: str | None = None, num_samples: int | N
 
 
 def _check_source(config: GenerateConfig) -> str:
-    """A conditioned mode's source, listed (cheap: file names only) so that a wrong root or a num_samples that
-    does not pair every item once (prompts.pair_items_with) fails here as it would in generate. The pre-scan of
-    every label is left to generate; a source that is not on this machine is skipped with a note."""
+    """A conditioned mode's source, listed (cheap: file names only) so that a root without the layout's images
+    or a num_samples that does not pair every item once (prompts.pair_items_with) fails here as in generate.
+    The pre-scan of every label is left to generate; a root that is not on this machine (planning a cluster
+    run elsewhere) is skipped with a note."""
     if config.mode not in CONDITIONED_MODES:
         return ""
     source_config = required_source(config.source, config.mode)
