@@ -317,3 +317,6 @@ def test_plan_lists_the_source_and_checks_the_pairing(cityscapes, tmp_path):
     assert code == 2 and f"set run.num_samples to {3 * domains}" in output and "Traceback" not in output, output
     code, output = plan("--set", f"source.root={tmp_path / 'elsewhere'}")  # not on this machine: planned, with a note
     assert code == 0 and "the source was not listed" in output, output
+    (tmp_path / "empty").mkdir()
+    code, output = plan("--set", f"source.root={tmp_path / 'empty'}")  # here, but no cityscapes images
+    assert code == 2 and "a cityscapes source needs leftImg8bit/train" in output and "Traceback" not in output, output
