@@ -109,7 +109,7 @@ def synthetic_scan(shards: int) -> dict:
     import fsspec
 
     from dreamshard.format.layout import shard_marker, shard_parquet, shard_tar
-    from dreamshard.format.reader import write_marker_snapshot
+    from dreamshard.format.rundir import RunDir
     from dreamshard.format.store import Store, json_bytes
 
     fs = fsspec.filesystem("s3", use_listings_cache=False)
@@ -125,7 +125,7 @@ def synthetic_scan(shards: int) -> dict:
         if k < keep:
             files[store.path(shard_marker(k))] = json_bytes(marker)
     fs.pipe(files)
-    write_marker_snapshot(store, markers)
+    RunDir(store).write_snapshot(markers)
     print(f"synthetic: uploaded {len(files)} objects in {time.perf_counter() - started:.0f} s", flush=True)
     figures = {"shards": shards, "scan_s": timed_scan(store, keep, True), "scan_full_s": timed_scan(store, keep, False)}
     print(f"synthetic {shards} shards, {keep} committed, on S3: scan {figures['scan_s']:.2f} s with the marker snapshot, "

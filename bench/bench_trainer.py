@@ -35,7 +35,7 @@ def scene(rng: np.random.Generator) -> Image.Image:
 
 
 def write_data(root: Path, count: int, per_shard: int) -> None:
-    from dreamshard.format.reader import write_dataset
+    from dreamshard.format.rundir import write_dataset
     from dreamshard.format.shards import ShardSample, encode_image
 
     rng = np.random.default_rng(0)

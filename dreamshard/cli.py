@@ -181,7 +181,7 @@ def plan(
 @user_errors
 def inspect(out: str = typer.Argument(..., help="A run directory (or fsspec URL) written by `dreamshard generate`.")) -> None:
     """Samples, shards, bytes and counts per class / template / style axis."""
-    from dreamshard.engine.tools import inspect_dataset, inspect_tables
+    from dreamshard.tools.inspect import inspect_dataset, inspect_tables
 
     for table in inspect_tables(inspect_dataset(out)):
         console.print(table)
@@ -196,7 +196,7 @@ def verify(
 ) -> None:
     """Check a run directory against the data contract; exit 1 listing the problems."""
     set_log_every(log_every)
-    from dreamshard.engine.tools import verify_dataset
+    from dreamshard.tools.verify import verify_dataset
 
     problems = verify_dataset(out, decode_images=decode)
     for problem in problems:
@@ -214,7 +214,7 @@ def preview(
     output: Path = typer.Option(Path("grid.png"), "-o", "--output", help="The contact sheet to write (PNG)."),
 ) -> None:
     """A contact sheet of the first samples with their prompts as captions."""
-    from dreamshard.engine.tools import preview_grid
+    from dreamshard.tools.preview import preview_grid
 
     console.print(f"wrote {preview_grid(out, count, output)}", markup=False)
 

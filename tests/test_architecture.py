@@ -1,6 +1,6 @@
-"""Import rules (DESIGN.md): cli → study → engine / trainer / personalize → format / datasets →
-config / errors / logs / cluster. No back-edges: the engine never imports the trainer nor the reverse,
-and the data contract (format/) imports neither."""
+"""Import rules (README's layout): cli → study → engine / trainer / personalize / tools → format / datasets →
+config / errors / identity / logs / cluster. No back-edges: the engine never imports the trainer nor the
+reverse, the tools that read runs import neither, and the data contract (format/) imports none of them."""
 
 from __future__ import annotations
 
@@ -12,16 +12,19 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "dreamshard"
 
 # part of dreamshard -> the parts it must never import
+STAGES = {"engine", "trainer", "personalize", "study", "cli", "tools"}
 FORBIDDEN = {
-    "format": {"engine", "trainer", "personalize", "study", "cli", "datasets"},
-    "datasets": {"engine", "trainer", "personalize", "study", "cli", "format"},
-    "engine": {"trainer", "personalize", "study", "cli"},
-    "trainer": {"engine", "personalize", "study", "cli"},
-    "personalize": {"trainer", "study", "cli"},  # it loads the base pipeline through engine.models
-    "study": {"cli"},
-    "config": {"engine", "trainer", "personalize", "study", "cli", "format", "datasets"},
-    "errors": {"engine", "trainer", "personalize", "study", "cli", "format", "datasets", "config"},
-    "cluster": {"engine", "trainer", "personalize", "study", "cli", "format", "datasets"},
+    "format": STAGES | {"datasets"},
+    "datasets": STAGES | {"format"},
+    "tools": STAGES - {"tools"},
+    "engine": {"trainer", "personalize", "study", "cli", "tools"},
+    "trainer": {"engine", "personalize", "study", "cli", "tools"},
+    "personalize": {"trainer", "study", "cli", "tools"},  # it loads the base pipeline through engine.models
+    "study": {"cli", "tools"},
+    "config": STAGES | {"format", "datasets"},
+    "identity": STAGES | {"format", "datasets", "config", "cluster", "logs"},
+    "errors": STAGES | {"format", "datasets", "config", "identity"},
+    "cluster": STAGES | {"format", "datasets"},
 }
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dreamshard.cli import app
-from dreamshard.format.reader import write_dataset
+from dreamshard.format.rundir import write_dataset
 from dreamshard.format.shards import ShardSample
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,9 +20,10 @@ from waiting import wait_for
 
 from dreamshard.cli import app
 from dreamshard.config import GenerateConfig
-from dreamshard.engine.run import ACTOR_PREFIX, generate
-from dreamshard.engine.tools import verify_dataset
+from dreamshard.engine.driver import ACTOR_PREFIX
+from dreamshard.engine.run import generate
 from dreamshard.format.reader import manifest_rows, read_manifest
+from dreamshard.tools.verify import verify_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -198,7 +199,7 @@ def test_second_driver_on_the_same_output_is_refused_while_the_first_runs(ray_cl
             second = CliRunner().invoke(app, ["generate", str(config_file)])
             print(f"second driver refused after {time.monotonic() - started:.1f} s")
             assert second.exit_code == 2 and "Traceback" not in second.output, second.output
-            assert "being written by another" in second.output and f"pid {first.pid}" in second.output, second.output
+            assert "being written by `dreamshard generate`" in second.output and f"pid {first.pid}" in second.output, second.output
             assert len(second.output.strip().splitlines()) == 1, second.output
             first.wait(timeout=600)
         finally:

@@ -18,11 +18,12 @@ from typer.testing import CliRunner
 from dreamshard.cli import app
 from dreamshard.config import GenerateConfig
 from dreamshard.engine.plan import build_plan
-from dreamshard.engine.run import _choose_output, generate
-from dreamshard.engine.tools import verify_dataset
+from dreamshard.engine.run import choose_output, generate
 from dreamshard.errors import UserError
 from dreamshard.format.reader import committed_shards, manifest_rows, read_manifest
 from dreamshard.format.store import Store
+from dreamshard.identity import Identity
+from dreamshard.tools.verify import verify_dataset
 
 N, PER_SHARD = 120, 30
 
@@ -132,7 +133,7 @@ def test_same_config_same_images_and_extension_keeps_existing_shards(first_run, 
     assert verify_dataset(out_b) == []
     # The marker snapshot the driver leaves is the markers themselves (the refilled short shard included).
     snapshot = json.loads((out_b / "index" / "markers.json").read_text())["markers"]
-    assert {int(k): v for k, v in snapshot.items()} == committed_shards(Store(out_b), PER_SHARD, use_snapshot=False)
+    assert {int(k): v["marker"] for k, v in snapshot.items()} == committed_shards(Store(out_b), PER_SHARD, use_snapshot=False)
     # Tars are reproducible: another output, worker count and time, the same plan and weights: the same bytes.
     assert tar_digests(out_b) == tar_digests(out_a) and len(tar_digests(out_a)) == 4
 
@@ -157,14 +158,14 @@ def test_different_dataset_is_refused_before_any_work(first_run, tmp_path):
     assert tar_stats(out) == before and verify_dataset(out) == []
 
     # --force-new: the first sibling that is new or holds this same dataset, so a re-run resumes there
-    fingerprints = json.loads((out / "dreamshard.json").read_text())["fingerprints"]
-    changed = {**fingerprints, "plan": "0" * 64}
-    assert _choose_output(str(out), fingerprints, force_new=False).url == str(out)
-    assert _choose_output(str(out), changed, force_new=True).url == f"{out}-2"
+    parts = json.loads((out / "dreamshard.json").read_text())["fingerprint_parts"]
+    changed = Identity({**parts, "plan": "0" * 64})
+    assert choose_output(str(out), Identity(parts), force_new=False).url == str(out)
+    assert choose_output(str(out), changed, force_new=True).url == f"{out}-2"
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "notes.txt").write_text("someone else's files")
     with pytest.raises(UserError, match="not a dreamshard run directory"):
-        _choose_output(str(tmp_path / "x"), fingerprints, force_new=False)
+        choose_output(str(tmp_path / "x"), Identity(parts), force_new=False)
 
 
 def run_cli(*args: str):

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from dreamshard.config import GenerateConfig
-from dreamshard.engine.tools import verify_dataset
 from dreamshard.format.reader import manifest_rows, read_manifest
+from dreamshard.tools.verify import verify_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -18,10 +18,10 @@ from waiting import wait_for
 
 from dreamshard.cli import app
 from dreamshard.config import GenerateConfig, StudyConfig, load_config
-from dreamshard.engine.run import ACTOR_PREFIX
-from dreamshard.engine.tools import verify_dataset
+from dreamshard.engine.driver import ACTOR_PREFIX
 from dreamshard.format.reader import committed_shards, manifest_rows, read_manifest
 from dreamshard.format.store import Store
+from dreamshard.tools.verify import verify_dataset
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -21,10 +21,13 @@ from dreamshard.config import GenerateConfig, LoraConfig, ModelConfig, RunConfig
 from dreamshard.engine.generation import call_pipeline
 from dreamshard.engine.models import load_pipeline, model_fingerprint, model_identity
 from dreamshard.engine.plan import build_plan
-from dreamshard.engine.run import _digest, differing_parts, fingerprint_digests, fingerprint_parts, generate
-from dreamshard.engine.tools import verify_dataset
+from dreamshard.engine.records import run_identity
+from dreamshard.engine.run import generate
 from dreamshard.errors import ConfigError, UserError
+from dreamshard.format.rundir import RunDir
 from dreamshard.format.store import Store
+from dreamshard.identity import digest
+from dreamshard.tools.verify import verify_dataset
 
 
 def specs(n: int = 2, size: int = 64, guidance: float = 5.0):
@@ -171,15 +174,17 @@ def test_two_loras_with_scales_fuse_change_the_images_and_the_fingerprint(tiny_m
     assert identity["loras"] == [{"hash": model_fingerprint(a), "scale": 0.5}, {"hash": model_fingerprint(b.parent), "scale": 0.8}]
     run = GenerateConfig.model_validate({"model": two.model_dump()})
     plan = build_plan(run.prompts, run.sampling, run.run.seed)
-    parts = fingerprint_parts(run, plan, identity)
+    parts = run_identity(run, plan, identity)
     rescaled = two.model_copy(update={"loras": [LoraConfig(path=str(a), scale=0.5), LoraConfig(path=str(b.parent), scale=0.7)]})
-    other = fingerprint_parts(run, plan, model_identity(rescaled))
-    assert _digest(parts["model"]) != _digest(other["model"])
+    other = run_identity(run, plan, model_identity(rescaled))
+    assert digest(parts.parts["model"]) != digest(other.parts["model"])
     store = Store(tmp_path / "run")
     store.makedirs()
-    store.write_json("dreamshard.json", {"fingerprints": fingerprint_digests(parts), "fingerprint_parts": parts})
-    differs = differing_parts(store, fingerprint_digests(other), other)
+    store.write_json("dreamshard.json", {"fingerprints": parts.digests, "fingerprint_parts": parts.parts})
+    differs = other.changes_from(parts.digests, parts.parts)
     assert len(differs) == 1 and differs[0].startswith("model (loras: ") and "'scale': 0.7" in differs[0]
+    refusal = RunDir(store).conflict(other)
+    assert refusal.action == "refuse" and "different model (loras: " in refusal.reason
     with pytest.raises(UserError, match="LoRA weights .* not found"):
         load_pipeline(config(loras=[LoraConfig(path=str(tmp_path / "missing.safetensors"))]))
 

@@ -19,13 +19,15 @@ from dreamshard.config import GenerateConfig, validate
 from dreamshard.engine.models import model_identity
 from dreamshard.engine.plan import build_plan
 from dreamshard.engine.quality import ClipScorer, QualityJudge, attempt_seed
-from dreamshard.engine.run import fingerprint_parts, generate
-from dreamshard.engine.tools import inspect_dataset, verify_dataset
+from dreamshard.engine.records import fingerprint_parts
+from dreamshard.engine.run import generate
 from dreamshard.engine.worker import GenerationWorker
 from dreamshard.errors import ConfigError, UserError
 from dreamshard.format.layout import FORMAT_VERSION
 from dreamshard.format.reader import manifest_rows, read_manifest
 from dreamshard.format.record import DEFAULTS, JSON_FIELDS, PARQUET_SCHEMA
+from dreamshard.tools.inspect import inspect_dataset
+from dreamshard.tools.verify import verify_dataset
 
 N = 12
 

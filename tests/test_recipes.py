@@ -176,7 +176,7 @@ def test_every_item_meets_every_domain_once_in_a_prefix_stable_order(cityscapes,
     assert later.specs(5, 9) == specs[5:] and later.specs(0, 2) == specs[:2]
     assert "pair_items_with" not in build_plan(_prompts(), SAMPLING, 4).describe()  # old plans keep their fingerprint
 
-    config = GenerateConfig(mode="controlnet_seg", prompts=prompts, source={"root": str(root)}, run={"num_samples": 8})
+    config = GenerateConfig(mode="controlnet_seg", prompts=prompts, source={"root": str(root)}, run={"num_samples": 8}, model={"controlnet": "cn"})
     with pytest.raises(UserError, match="set run.num_samples to 9"):
         conditioner_for(config)
     with pytest.raises(UserError, match="'time' is not a prompts.styles axis"):
@@ -217,7 +217,7 @@ def test_depth2img_needs_a_depth_model_and_the_tiny_one_loads_from_disk(models, 
         load_pipeline(ModelConfig(path=str(models["sd"])), "depth2img")
     with pytest.raises(UserError, match="depth2img needs condition.strength"):
         Conditioner("depth2img", _source(cityscapes[0], "depth2img"), ConditionConfig(), 19)
-    with pytest.raises(UserError, match="stochastic_inversion works in modes controlnet_seg and img2img, not depth2img"):
+    with pytest.raises(UserError, match="stochastic_inversion works in modes img2img and controlnet_seg, not depth2img"):
         check_settings(GenerateConfig(mode="depth2img", condition={"init_noise": "stochastic_inversion"}))
     depth = models["depth"]
     assert (depth / "depth_estimator" / "model.safetensors").is_file() and (depth / "feature_extractor" / "preprocessor_config.json").is_file()

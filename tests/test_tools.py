@@ -14,11 +14,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dreamshard.cli import app
-from dreamshard.engine.tools import inspect_dataset, preview_grid, read_shard, verify_dataset
-from dreamshard.format.reader import committed_shards, manifest_rows, read_manifest, write_dataset
+from dreamshard.format.reader import committed_shards, manifest_rows, read_manifest, read_shard
 from dreamshard.format.record import JSON_FIELDS
+from dreamshard.format.rundir import RunDir, write_dataset
 from dreamshard.format.shards import ShardSample, ShardWriter, write_shard
 from dreamshard.format.store import Store
+from dreamshard.tools.inspect import inspect_dataset
+from dreamshard.tools.preview import preview_grid
+from dreamshard.tools.verify import verify_dataset
 
 CLASSES = ["car", "bus", "truck"]
 
@@ -142,34 +145,46 @@ def test_memory_url_run_is_written_verified_and_read_back(tmp_path):
 
 
 def test_marker_snapshot_is_a_cache_checked_against_the_listing(dataset):
-    from dreamshard.format.reader import write_marker_snapshot
-
     store = Store(dataset)
     committed = committed_shards(store, 10, use_snapshot=False)
-    write_marker_snapshot(store, committed)
+    RunDir(store).write_snapshot(committed)
+    snapshot = json.loads((dataset / "index" / "markers.json").read_text())
+    assert snapshot["version"] == 2 and set(snapshot["markers"]) == {"0", "1", "2"}
     assert committed_shards(store, 10) == committed
     marker0 = dataset / "index" / "000000.commit.json"
-    size = marker0.stat().st_size
-    # Same size, unreadable: the snapshot vouches for it (it was not read), a full scan does not.
-    marker0.write_bytes(b" " * size)
-    assert sorted(committed_shards(store, 10)) == [0, 1, 2] and sorted(committed_shards(store, 10, use_snapshot=False)) == [1, 2]
-    # Another size: the snapshot no longer vouches for it, it is read (and fails).
-    marker0.write_bytes(b"{}")
-    assert sorted(committed_shards(store, 10)) == [1, 2]
+    # The same bytes rewritten (a new version of the file): the snapshot no longer vouches for it, it is read.
+    marker0.write_bytes(marker0.read_bytes())
+    assert committed_shards(store, 10) == committed
+    # Same size, unreadable: rewritten too, so it is read and fails, snapshot or not.
+    marker0.write_bytes(b" " * marker0.stat().st_size)
+    assert sorted(committed_shards(store, 10)) == [1, 2] and sorted(committed_shards(store, 10, use_snapshot=False)) == [1, 2]
     # A marker gone is gone whatever the snapshot says; a damaged snapshot costs reads, not answers.
     (dataset / "index" / "000002.commit.json").unlink()
     (dataset / "index" / "markers.json").write_bytes(b"\x00 not json")
     assert sorted(committed_shards(store, 10)) == [1]
 
 
-def test_verify_flags_a_snapshot_entry_that_would_be_trusted_but_differs(dataset):
-    from dreamshard.format.reader import write_marker_snapshot
+def test_an_edited_snapshot_is_ignored_and_flagged(dataset):
+    """An edit that keeps every size (a count 10 -> 19) would make generate un-commit a good shard if the
+    snapshot were trusted; its digest no longer holds, so scans read the markers and verify names it."""
+    store = Store(dataset)
+    committed = committed_shards(store, 10, use_snapshot=False)
+    RunDir(store).write_snapshot(committed)
+    path = dataset / "index" / "markers.json"
+    text = path.read_text()
+    assert '"count":10' in text
+    path.write_text(text.replace('"count":10', '"count":19', 1))
+    assert committed_shards(store, 10) == committed  # the markers themselves
+    problems = verify_dataset(dataset)
+    assert len(problems) == 1 and "markers.json" in problems[0] and "digest" in problems[0] and "delete" in problems[0], problems
 
+
+def test_verify_flags_a_snapshot_entry_that_would_be_trusted_but_differs(dataset):
     store = Store(dataset)
     committed = committed_shards(store, 10, use_snapshot=False)
     stale = {**committed, 1: {**committed[1], "tar_sha256": "0" * 64}}  # same length, other content
-    write_marker_snapshot(store, stale)
+    RunDir(store).write_snapshot(stale)
     problems = verify_dataset(dataset)
     assert len(problems) == 1 and "markers.json" in problems[0] and "shard(s) (first: 1)" in problems[0], problems
-    write_marker_snapshot(store, committed)
+    RunDir(store).write_snapshot(committed)
     assert verify_dataset(dataset) == []

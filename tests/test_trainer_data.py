@@ -13,7 +13,7 @@ from PIL import Image
 
 from dreamshard.config import DomainConfig, RCSConfig, ShardsConfig, TrainDataConfig
 from dreamshard.errors import UserError
-from dreamshard.format.reader import write_dataset
+from dreamshard.format.rundir import write_dataset
 from dreamshard.format.shards import ShardSample
 from dreamshard.trainer.data import Augment, DataError, RareClassSampler, check_labels, resolve_shards, train_loader
 

@@ -22,28 +22,30 @@ denoises (ldm's img2img), here both are the same step (diffusers).
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from dreamshard.config import CONDITIONED_MODES, ConditionConfig, GenerateConfig, PromptsConfig, SourceConfig
+from dreamshard.config import ConditionConfig, GenerateConfig, PromptsConfig, SourceConfig
 from dreamshard.datasets.labels import CITYSCAPES_MAP, CLASSES, LABEL_ID_PALETTES, NUM_CLASSES, colourise, parse_palette
 from dreamshard.datasets.sources import LabelledSource, open_source, scan
 from dreamshard.engine.generation import SampleStamp, call_pipeline, seeded_generators
-from dreamshard.engine.inversion import img2img_from_latents, stochastic_inversion
+from dreamshard.engine.inversion import stochastic_inversion
+from dreamshard.engine.models import denoiser
+from dreamshard.engine.modes import REGISTRY, Mode, conditioned_names, mode_for
 from dreamshard.engine.plan import SampleSpec, source_group
 from dreamshard.engine.prompts import classes_text, placeholders
 from dreamshard.errors import UserError
 from dreamshard.format.layout import LABEL_FIELD
 from dreamshard.format.shards import ShardSample
+from dreamshard.identity import digest
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +66,21 @@ class Conditioner:
     """Turns sample specs into pipeline calls for a conditioned mode, and results into (image, seg.png)."""
 
     def __init__(self, mode: str, source: LabelledSource, condition: ConditionConfig, num_classes: int, prompts: PromptsConfig | None = None) -> None:
-        if mode not in CONDITIONED_MODES:
+        self.mode: Mode = mode_for(mode)
+        if not self.mode.keeps_label:
             raise ValueError(f"{mode!r} is not a conditioned mode")
         prompts = prompts or PromptsConfig()
-        self.mode = mode
         self.source = source
         self.condition = condition
         self.palette = parse_palette(condition.palette, num_classes)
         # cityscapes_color colours the label ids as stored (34 classes), the others the train ids
         self.colours_label_ids = isinstance(condition.palette, str) and condition.palette.lower() in LABEL_ID_PALETTES
-        if self.colours_label_ids and mode == "controlnet_seg" and source.label_map is not CITYSCAPES_MAP:
+        if self.colours_label_ids and self.mode.shows_label_map and source.label_map is not CITYSCAPES_MAP:
             raise UserError(
                 f"condition.palette {condition.palette} colours Cityscapes label ids, but this source's labels are read as {source.label_map.name}; "
                 "use a cityscapes or gta5 source with source.labels auto, or palette cityscapes"
             )
-        _check_strengths(mode, condition)
+        _check_strengths(self.mode, condition)
         self.token = prompts.token
         self.group = source_group(prompts)  # consecutive samples that take the same source item
         self.classes_templates = _classes_templates(prompts)
@@ -87,7 +89,7 @@ class Conditioner:
                 f"{{classes}} names train ids with the {NUM_CLASSES} Cityscapes classes, but source.num_classes is {num_classes}; remove {{classes}} from the templates"
             )
         self.fingerprint = _fingerprint(source, condition)
-        self._variant = None  # the img2img pipeline pipeline_for builds on first use (see there)
+        self._variants: dict[tuple, Any] = {}  # the mode's variant pipelines, built on first use (pipeline_for)
         self._loaders: ThreadPoolExecutor | None = None  # decodes a batch's source files in parallel (in the worker)
 
     def strength(self, spec: SampleSpec) -> float | None:
@@ -110,9 +112,9 @@ class Conditioner:
         size = (spec.width, spec.height)
         strength = self.strength(spec)
         control = None
-        if self.mode == "controlnet_seg":
+        if self.mode.shows_label_map:
             ids = raw if self.colours_label_ids else train_ids
-            control = Image.fromarray(colourise(ids, self.palette)).resize(size, Image.Resampling.NEAREST)
+            control = self.mode.control_image(Image.fromarray(colourise(ids, self.palette)).resize(size, Image.Resampling.NEAREST))
         if spec.template in self.classes_templates:
             values = {"token": self.token, "cls": spec.class_name, **spec.style, "classes": classes_text(train_ids, CLASSES)}
             spec = replace(spec, prompt=spec.template.format_map(values))
@@ -123,39 +125,22 @@ class Conditioner:
         strength = samples[0].strength
         if any(sample.strength != strength for sample in samples):
             raise ValueError("one pipeline call needs one strength; group samples by strength")
-        images = [sample.image for sample in samples]
-        if self.mode in ("img2img", "depth2img"):
-            return {"image": images, "strength": strength}
-        kwargs = {"controlnet_conditioning_scale": self.condition.controlnet_scale}
-        controls = [sample.control for sample in samples]
-        if strength is None:
-            return kwargs | {"image": controls}
-        return kwargs | {"image": images, "control_image": controls, "strength": strength}
+        return self.mode.pipeline_kwargs([sample.image for sample in samples], [sample.control for sample in samples], strength, self.condition)
 
     def inverts(self, samples: Sequence[SourceSample]) -> bool:
         """Whether these samples start from ZoDi's stochastic inversion (samples without a strength start
         from pure noise: there is no source latent to invert)."""
-        return self.condition.init_noise == "stochastic_inversion" and samples[0].strength is not None
+        return self.mode.supports_inversion and self.condition.init_noise == "stochastic_inversion" and samples[0].strength is not None
 
     def pipeline_for(self, pipe, samples: Sequence[SourceSample]):
-        """The pipeline to call: the loaded one, or an img2img variant on the same components, built on first
-        use: for controlnet_seg with a strength the ControlNet img2img pipeline (it starts from the noised
-        source latent), for img2img with stochastic inversion one that takes the inverted start latent."""
-        noised_control = self.mode == "controlnet_seg" and samples[0].strength is not None
-        if not (noised_control or (self.mode == "img2img" and self.inverts(samples))):
-            return pipe
-        if self._variant is None or self._variant.unet is not pipe.unet:
-            self._variant = self._img2img_variant(pipe)
-        return self._variant
-
-    def _img2img_variant(self, pipe):
-        if self.mode == "img2img":
-            return img2img_from_latents(pipe)
-        from diffusers import AutoPipelineForImage2Image
-
-        variant = AutoPipelineForImage2Image.from_pipe(pipe)  # the family's ControlNet img2img class, same components
-        variant.set_progress_bar_config(disable=True)
-        return variant
+        """The pipeline to call: the loaded one, or the mode's variant on the same components for these samples'
+        strength and start (built on first use and kept while the components stay the same)."""
+        strength, inverting = samples[0].strength, self.inverts(samples)
+        key = (strength is None, inverting)
+        cached = self._variants.get(key)
+        if cached is None or cached[0] is not denoiser(pipe):
+            self._variants[key] = (denoiser(pipe), self.mode.variant(pipe, strength, inverting))
+        return self._variants[key][1] or pipe
 
     def generate(self, pipe, specs: list[SampleSpec], stamp: SampleStamp, **sampler) -> list[ShardSample]:
         """The worker's per-mode function: specs sharing (steps, guidance, size) → samples with `seg.png`.
@@ -203,7 +188,7 @@ class Conditioner:
 def conditioner_for(config: GenerateConfig) -> Conditioner | None:
     """The Conditioner of a conditioned run (its source listed and pre-scanned), None for txt2img."""
     check_settings(config)
-    if config.mode not in CONDITIONED_MODES:
+    if not mode_for(config.mode).keeps_label:
         return None
     source = open_checked_source(config.source, config.mode)
     check_pairing(config, len(source))
@@ -212,19 +197,21 @@ def conditioner_for(config: GenerateConfig) -> Conditioner | None:
 
 def check_settings(config: GenerateConfig) -> None:
     """Settings that only some modes or schedulers take, checked before any work (`dreamshard plan` too)."""
-    mode, prompts = config.mode, config.prompts
+    mode, prompts = mode_for(config.mode), config.prompts
     if config.sampling.eta and config.model.scheduler not in (None, "ddim"):
         raise UserError(
             f"sampling.eta = {config.sampling.eta:g} is DDIM's eta, but model.scheduler is {config.model.scheduler}; set model.scheduler: ddim or sampling.eta: 0"
         )
-    conditioned = ", ".join(CONDITIONED_MODES)
-    if mode not in CONDITIONED_MODES and prompts.pair_items_with:
-        raise UserError(f"prompts.pair_items_with pairs source items with a style axis: it needs a conditioned mode ({conditioned}), not {mode}")
-    if mode not in CONDITIONED_MODES and _classes_templates(prompts):
-        raise UserError(f"{{classes}} names the classes in each sample's source label: it needs a conditioned mode ({conditioned}), not {mode}")
-    if config.condition.init_noise == "stochastic_inversion" and mode not in ("controlnet_seg", "img2img"):
-        raise UserError(f"condition.init_noise stochastic_inversion works in modes controlnet_seg and img2img, not {mode}; set it to random")
-    if mode in CONDITIONED_MODES:
+    conditioned = conditioned_names()
+    if not mode.keeps_label and prompts.pair_items_with:
+        raise UserError(f"prompts.pair_items_with pairs source items with a style axis: it needs a conditioned mode ({conditioned}), not {mode.name}")
+    if not mode.keeps_label and _classes_templates(prompts):
+        raise UserError(f"{{classes}} names the classes in each sample's source label: it needs a conditioned mode ({conditioned}), not {mode.name}")
+    if config.condition.init_noise == "stochastic_inversion" and not mode.supports_inversion:
+        inverting = " and ".join(name for name, other in REGISTRY.items() if other.supports_inversion)
+        raise UserError(f"condition.init_noise stochastic_inversion works in modes {inverting}, not {mode.name}; set it to random")
+    mode.check(config)
+    if mode.keeps_label:
         _check_strength_settings(config)
 
 
@@ -258,16 +245,16 @@ def _fingerprint(source: LabelledSource, condition: ConditionConfig) -> str:
     settings = source.config.model_dump(mode="json", exclude={"root", "scan"})
     exclude = {"init_noise"} if condition.init_noise == "random" else None
     content = {"source": settings, "keys": [item.key for item in source.items], "condition": condition.model_dump(mode="json", exclude=exclude)}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(content)
 
 
-def _check_strengths(mode: str, condition: ConditionConfig) -> None:
+def _check_strengths(mode: Mode, condition: ConditionConfig) -> None:
     if condition.strength is not None:
         _valid_strength(condition.strength, "condition.strength")
     for value, strength in condition.strength_by_style.items():
         _valid_strength(strength, f"condition.strength_by_style[{value!r}]")
-    if mode in ("img2img", "depth2img") and condition.strength is None:
-        raise UserError(f"mode {mode} needs condition.strength (how far to noise the source, e.g. 0.75; DIDEX uses 0.9)")
+    if mode.needs_strength and condition.strength is None:
+        raise UserError(f"mode {mode.name} needs condition.strength (how far to noise the source, e.g. 0.75; DIDEX uses 0.9)")
 
 
 def check_pairing(config: GenerateConfig, items: int) -> None:
@@ -293,7 +280,7 @@ def _classes_templates(prompts: PromptsConfig) -> frozenset[str]:
 def _check_strength_settings(config: GenerateConfig) -> None:
     """Catch, before any work, strength_by_style keys that match no style value (a typo would silently change
     the mode) and strengths so low that img2img would denoise for zero steps (int(steps x strength) < 1)."""
-    _check_strengths(config.mode, config.condition)
+    _check_strengths(mode_for(config.mode), config.condition)
     style_values = {value for values in config.prompts.styles.values() for value in values}
     for value in config.condition.strength_by_style:
         if value not in style_values:

@@ -8,16 +8,19 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dreamshard.config import CONDITIONED_MODES, GenerateConfig
+from dreamshard.config import GenerateConfig
 from dreamshard.datasets.sources import open_source
 from dreamshard.engine.conditioned import check_pairing, check_settings, required_source
 from dreamshard.engine.models import model_identity
+from dreamshard.engine.modes import mode_for
 from dreamshard.engine.plan import build_plan
-from dreamshard.engine.run import differing_parts, fingerprint_digests, fingerprint_parts, resolved_config
+from dreamshard.engine.records import fingerprint_parts, resolved_config
+from dreamshard.engine.run import checked_counts
 from dreamshard.errors import UserError
-from dreamshard.format.layout import shard_counts
-from dreamshard.format.reader import committed_shards, read_run_record
+from dreamshard.format.layout import RUN_RECORD
+from dreamshard.format.rundir import RunDir
 from dreamshard.format.store import Store
+from dreamshard.identity import Identity
 
 COUNT_LIMIT = 200_000  # samples counted per class/template/style (a prefix of a larger plan)
 # Rough bytes per pixel of SD images as encoded by the writer (jpg and webp at quality 95), plus ~1 KB of
@@ -45,7 +48,7 @@ def dry_run(config: GenerateConfig, out: str | None = None, num_samples: int | N
     plan = build_plan(config.prompts, config.sampling, config.run.seed)
     check_settings(config)
     source_note = _check_source(config)
-    counts = shard_counts(config.run.num_samples, config.output.samples_per_shard)
+    counts = checked_counts(config)
     counted = min(config.run.num_samples, COUNT_LIMIT)
     specs = plan.specs(0, counted)
     tallies: dict[str, Counter] = {"class": Counter(), "template": Counter()}
@@ -73,7 +76,7 @@ def _check_source(config: GenerateConfig) -> str:
     or a num_samples that does not pair every item once (prompts.pair_items_with) fails here as in generate.
     The pre-scan of every label is left to generate; a root that is not on this machine (planning a cluster
     run elsewhere) is skipped with a note."""
-    if config.mode not in CONDITIONED_MODES:
+    if not mode_for(config.mode).keeps_label:
         return ""
     source_config = required_source(config.source, config.mode)
     if not Path(source_config.root).expanduser().is_dir():
@@ -84,39 +87,27 @@ def _check_source(config: GenerateConfig) -> str:
 
 
 def _what_generate_would_do(config: GenerateConfig, plan, store: Store, counts: list[int]) -> tuple[str, str, dict]:
-    try:
-        record = read_run_record(store)
-    except (OSError, ValueError) as exc:
-        return "refuse", f"the output's dreamshard.json is unreadable ({exc})", {}
-    if record is None:
+    """generate's own decision (RunDir.classify) on what can be known here: parts of the identity that need
+    what is not on this machine (the model, a CLIP model) are left out and named in the detail. A new
+    output needs no identity (nor a look at the model)."""
+    rundir = RunDir(store)
+    if rundir.conflict(Identity({})) is None and not store.exists(RUN_RECORD):
         return "fresh", "a new dataset", {}
+    notes = ""
     try:
         model_info = model_identity(config.model)
-        model_note = ""
     except UserError as exc:  # no model here (a laptop planning a cluster run): compare the rest
-        model_info, model_note = None, f"; the model part was not checked ({exc})"
-    unknown = dict.fromkeys(("hash", "revision", "variant", "config", "loras", "controlnet"))
-    parts = fingerprint_parts(config, plan, model_info or unknown, None)
-    if model_info is None:
-        parts.pop("model")
+        model_info, notes = None, f"; the model part was not checked ({exc})"
+    parts = fingerprint_parts(config, plan, model_info)
     clip_model = config.quality.clip_model
     if clip_model and not Path(clip_model).expanduser().exists():  # not on this machine: compare the rest
         parts.pop("quality")
-        model_note += f"; the quality part was not checked (no {clip_model} here)"
-    # The source of a conditioned mode is not listed here (no pre-scan in a dry run): only what is compared.
-    fingerprints = fingerprint_digests(parts)
-    differs = differing_parts(store, fingerprints, parts)
-    if differs:
-        return "refuse", f"the output holds a dataset made with a different {' and '.join(differs)}", {}
-    committed = committed_shards(store, config.output.samples_per_shard)
-    have = sum(marker["count"] for marker in committed.values())
-    done = sum(1 for shard, marker in committed.items() if shard < len(counts) and marker["count"] == counts[shard])
-    if any(shard >= len(counts) or marker["count"] > counts[shard] for shard, marker in committed.items()):
-        return "refuse", f"the output holds {have} samples, more than num_samples={config.run.num_samples}", committed
-    if done == len(counts):
-        return "complete", f"all {len(counts)} shards are committed; nothing to generate{model_note}", committed
-    kind = "extend" if config.run.num_samples > record.get("num_samples", 0) else "resume"
-    return kind, f"{done} of {len(counts)} shards committed ({have} samples); {len(counts) - done} to generate{model_note}", committed
+        notes += f"; the quality part was not checked (no {clip_model} here)"
+    # The source of a conditioned mode is not compared here (its pre-scan is left to generate).
+    state = rundir.classify(Identity(parts), counts, config.output.samples_per_shard)
+    if state.action == "refuse":
+        return "refuse", state.reason, state.committed
+    return state.action, state.reason + notes, state.committed
 
 
 def _estimate_bytes(config: GenerateConfig, committed: dict) -> tuple[int, str]:

@@ -10,7 +10,7 @@ config (`eta`); `conditioned.Conditioner.generate` is the one of the conditioned
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,10 +76,6 @@ def check_scheduler_takes_eta(scheduler, eta: float) -> None:
         raise UserError(
             f"sampling.eta = {eta:g} is DDIM's eta, but the pipeline's scheduler is {type(scheduler).__name__}; set model.scheduler: ddim or sampling.eta: 0"
         )
-
-
-# mode -> per-mode function; conditioned modes bring theirs (conditioned.Conditioner.generate).
-GENERATORS: dict[str, Callable[..., list[ShardSample]]] = {"txt2img": txt2img}
 
 
 def batches(specs: list[SampleSpec], batch_size: int) -> Iterator[list[SampleSpec]]:

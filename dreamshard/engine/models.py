@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dreamshard.config import MODES, ModelConfig, RunConfig
+from dreamshard.config import ModelConfig, RunConfig
 from dreamshard.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
@@ -53,20 +53,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_pipeline(model: ModelConfig, mode: str = "txt2img", device: str | None = None, speed: RunConfig | None = None):
-    """The pipeline for `mode`, on its device, ready to call; `speed` applies run.compile, channels_last and
-    the VAE options. Raises UserError on bad input."""
-    if mode not in MODES:
-        raise UserError(f"unknown generation mode {mode!r}; choose one of {', '.join(MODES)}")
+    """The pipeline for `mode` (a name in engine/modes' registry), on its device, ready to call; `speed`
+    applies run.compile, channels_last and the VAE options. Raises UserError on bad input."""
+    from dreamshard.engine.modes import mode_for  # the modes build on this module's loaders
+
+    generation_mode = mode_for(mode)
     torch_device = resolve_device(device or model.device)
     dtype = resolve_dtype(model.dtype, torch_device)
     base_path, _ = resolve_model_path(model)
 
-    pipe = load_base_pipeline(base_path, model, dtype, depth=mode == "depth2img")
+    pipe = load_base_pipeline(base_path, model, dtype, depth=generation_mode.loads_depth)
     apply_loras(pipe, lora_list(model))
     if model.scheduler:
         pipe.scheduler = make_scheduler(model.scheduler, pipe.scheduler.config)
     _set_attention(pipe, model.attention)
-    pipe = _for_mode(pipe, mode, model, dtype)
+    pipe = generation_mode.build(pipe, model, dtype)  # shares the text-to-image pipeline's components (from_pipe)
     pipe.to(torch_device)
     if speed is not None:
         apply_speed_options(pipe, speed)
@@ -421,19 +422,3 @@ def load_controlnet(model: ModelConfig, dtype: torch.dtype):
         return ControlNetModel.from_pretrained(model.controlnet, dtype=dtype, local_files_only=model.local_files_only)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load ControlNet {model.controlnet!r}: {one_line(exc)}") from None
-
-
-def _for_mode(pipe, mode: str, model: ModelConfig, dtype: torch.dtype):
-    """The pipeline of `mode`, built with from_pipe: it shares the text-to-image pipeline's components (no
-    copy) and the Auto classes pick the family's own class (SD, SDXL, ...). One branch per mode."""
-    from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
-
-    if mode == "txt2img":
-        return pipe
-    if mode == "img2img":
-        return AutoPipelineForImage2Image.from_pipe(pipe)
-    if mode == "controlnet_seg":
-        return AutoPipelineForText2Image.from_pipe(pipe, controlnet=load_controlnet(model, dtype))
-    if mode == "depth2img":
-        return pipe  # loaded as the depth-to-image pipeline (load_base_pipeline)
-    raise UserError(f"mode {mode!r} has no pipeline; choose one of {', '.join(MODES)}")

@@ -24,7 +24,7 @@ import torch
 
 from dreamshard.config import GenerateConfig
 from dreamshard.engine.conditioned import Conditioner
-from dreamshard.engine.generation import GENERATORS, SampleStamp, batches, check_scheduler_takes_eta, sampler_arguments
+from dreamshard.engine.generation import SampleStamp, batches, check_scheduler_takes_eta, sampler_arguments, txt2img
 from dreamshard.engine.models import load_pipeline
 from dreamshard.engine.plan import SampleSpec
 from dreamshard.engine.quality import REASONS, QualityJudge, draw_judged
@@ -53,10 +53,7 @@ class GenerationWorker:
         self._load_error: Exception | None = None
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self._generate_batch = conditioner.generate if conditioner else GENERATORS.get(config.mode)
-        if self._generate_batch is None:
-            self._load_error = UserError(f"mode {config.mode!r} is not implemented yet; use one of {', '.join(GENERATORS)}")
-            return
+        self._generate_batch = conditioner.generate if conditioner else txt2img  # the conditioned modes' sources live in the conditioner
         load_started = time.perf_counter()
         try:
             self.pipe = load_pipeline(config.model, config.mode, speed=config.run)

@@ -7,6 +7,8 @@ index/000000.parquet            per-sample metadata of shard 0 (json fields + ru
 index/000000.commit.json        shard 0's commit marker, written LAST
 index/markers.json              a cache of the markers (one read instead of one per marker); never required
 manifest.parquet                all index/*.parquet rows, written when the run completes
+stats.jsonl                     one record per generate call (run facts, not part of the dataset)
+.lease                          while a command writes the run: who holds it (format/lease.py)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ MANIFEST = "manifest.parquet"
 SIZES = "shards/sizes.json"
 MARKER_SNAPSHOT = "index/markers.json"  # cached copy of the commit markers (see reader.committed_shards)
 STATS = "stats.jsonl"  # one record per generate call (run facts; not part of the dataset)
+LEASE = ".lease"  # the holder of an output while a command writes it (format/lease.py)
 PARTIAL = ".partial"  # suffix of files being written; never read, removed by the next run
 IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 LABEL_FIELD = "seg.png"  # the label of label-keeping modes: 8-bit mode L train ids, 255 = ignore

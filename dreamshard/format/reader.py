@@ -1,38 +1,30 @@
-"""Read (and keep up to date) the state of a run directory: which shards are committed, the run record,
-the manifest and nested subsets of it, the samples of a shard; plus `consolidate`, which builds
-`manifest.parquet` + `shards/sizes.json` from the per-shard files, and `write_dataset` for samples made
-elsewhere (toy sets, tests)."""
+"""Read the state of a run directory, never change it: which shards are committed, the run record, the
+manifest and nested subsets of it, and the samples of a shard through the one tar reader every caller uses
+(`tar_samples`: webdataset's own tar expander and key grouping). Everything that writes a run directory lives
+in `rundir.py`."""
 
 from __future__ import annotations
 
 import json
 import re
-import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from dreamshard.format.layout import (
-    FORMAT_VERSION,
-    IMAGE_FORMATS,
-    LAYOUT,
-    MANIFEST,
-    MARKER_SNAPSHOT,
-    PARTIAL,
-    RUN_RECORD,
-    SIZES,
-    shard_counts,
-    shard_marker,
-    shard_parquet,
-    shard_tar,
-)
+from dreamshard.format.layout import IMAGE_FORMATS, MANIFEST, MARKER_SNAPSHOT, RUN_RECORD, shard_marker, shard_parquet, shard_tar
 from dreamshard.format.record import PARQUET_SCHEMA, table_to_records
-from dreamshard.format.shards import ShardSample, write_shard
 from dreamshard.format.store import Store, as_store, json_bytes
+from dreamshard.identity import digest
 
 _MARKER_NAME = re.compile(r"^(\d{6,})\.commit\.json$")
+SNAPSHOT_VERSION = 2  # 2: each entry carries its marker file's listing stamp, the whole a digest of its content
+
+
+# --------------------------------------------------------------------------------------- committed shards
 
 
 def committed_shards(store: Store, samples_per_shard: int, use_snapshot: bool = True) -> dict[int, dict]:
@@ -40,54 +32,61 @@ def committed_shards(store: Store, samples_per_shard: int, use_snapshot: bool = 
     a wrong first index, or whose tar or index file is missing or has another size, does not commit its
     shard (a truncated or replaced index Parquet makes its shard uncommitted, so it is regenerated).
 
-    Cost: two listings, one read of the marker snapshot (`index/markers.json`, written by the driver), and
-    one batched read (concurrent on object stores) of only the markers the snapshot does not vouch for. A
-    snapshot entry stands for a marker when the listing shows that marker file with exactly the snapshot's
-    bytes and the entry passes the same checks; anything else is read. `verify` passes use_snapshot=False."""
-    tar_sizes, index_files = store.sizes("shards"), store.sizes("index")
-    shards = [int(m.group(1)) for m in map(_MARKER_NAME.match, index_files) if m]
-    snapshot = read_marker_snapshot(store) if use_snapshot and Path(MARKER_SNAPSHOT).name in index_files else {}
+    Cost: two listings, one read of the marker snapshot (`index/markers.json`), and one batched read
+    (concurrent on object stores) of only the markers the snapshot does not vouch for. The snapshot is
+    checked, not trusted: it is ignored whole unless its content digest holds (an edited snapshot), and an
+    entry vouches for a marker only when the listing shows that marker file with the entry's size and stamp
+    (rewritten since: read again). `verify` passes use_snapshot=False."""
+    tar_sizes, index_listing = store.sizes("shards"), store.listing("index")
+    index_sizes = {name: size for name, (size, _) in index_listing.items()}
+    shards = [int(m.group(1)) for m in map(_MARKER_NAME.match, index_listing) if m]
+    snapshot = read_marker_snapshot(store) if use_snapshot and Path(MARKER_SNAPSHOT).name in index_listing else {}
     committed = {}
     for shard in shards:
-        marker = snapshot.get(shard)
-        if marker is not None and index_files[Path(shard_marker(shard)).name] == len(json_bytes(marker)):
-            if _consistent(shard, marker, samples_per_shard, tar_sizes, index_files):
-                committed[shard] = marker
+        entry = snapshot.get(shard)
+        if entry is not None and index_listing[Path(shard_marker(shard)).name] == (len(json_bytes(entry["marker"])), entry["stamp"]):
+            if _consistent(shard, entry["marker"], samples_per_shard, tar_sizes, index_sizes):
+                committed[shard] = entry["marker"]
     paths = {store.path(shard_marker(shard)): shard for shard in shards if shard not in committed}
     contents = store.fs.cat(list(paths), on_error="return") if paths else {}
     for path, data in contents.items():
         shard = paths.get(path, paths.get(store.fs._strip_protocol(path)))
         marker = _parse_marker(data)
-        if shard is not None and marker is not None and _consistent(shard, marker, samples_per_shard, tar_sizes, index_files):
+        if shard is not None and marker is not None and _consistent(shard, marker, samples_per_shard, tar_sizes, index_sizes):
             committed[shard] = marker
     return committed
 
 
 def _consistent(shard: int, marker: dict, samples_per_shard: int, tar_sizes: dict[str, int], index_files: dict[str, int]) -> bool:
     parquet_name = Path(shard_parquet(shard)).name
+    count = marker.get("count")
     return (
         marker.get("first_index") == shard * samples_per_shard
         and tar_sizes.get(Path(shard_tar(shard)).name) == marker.get("tar_bytes")
         and parquet_name in index_files
         and marker.get("parquet_bytes", index_files[parquet_name]) == index_files[parquet_name]
-        and isinstance(marker.get("count"), int)
+        and isinstance(count, int)
+        and not isinstance(count, bool)
+        and 0 < count <= samples_per_shard
     )
 
 
-def write_marker_snapshot(store: Store, committed: dict[int, dict]) -> None:
-    """Cache the committed markers in one object, so the next scan reads one file instead of one per shard
-    (seconds instead of minutes for 10,000 shards on an object store). Only a cache: a damaged or stale
-    snapshot costs marker reads, never a wrong answer."""
-    data = {"version": 1, "markers": {str(shard): marker for shard, marker in sorted(committed.items())}}
-    store.write_bytes(MARKER_SNAPSHOT, json.dumps(data, separators=(",", ":")).encode())
+def snapshot_digest(entries: dict[str, Any]) -> str:
+    """The content digest a marker snapshot carries (over its entries as canonical JSON)."""
+    return digest(entries)
 
 
 def read_marker_snapshot(store: Store) -> dict[int, dict]:
+    """{shard: {"marker": ..., "stamp": ...}} of a snapshot whose digest holds; {} for a missing, damaged,
+    edited or older one (the markers themselves are read instead)."""
     try:
         data = store.read_json(MARKER_SNAPSHOT)
-        return {int(shard): marker for shard, marker in data["markers"].items() if isinstance(marker, dict)}
+        entries = data["markers"]
+        if data.get("version") != SNAPSHOT_VERSION or data.get("digest") != snapshot_digest(entries):
+            return {}
+        return {int(shard): entry for shard, entry in entries.items() if isinstance(entry.get("marker"), dict) and isinstance(entry.get("stamp"), str)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}  # a damaged cache: read the markers themselves
+        return {}
 
 
 def _parse_marker(data) -> dict | None:
@@ -110,85 +109,54 @@ def committed_prefix(store: Store, samples_per_shard: int) -> int:
     return total
 
 
-def clean_partials(store: Store) -> list[str]:
-    """Remove the `*.partial` files a killed run left behind; returns their paths."""
-    removed = []
-    for folder in ("shards", "index", ""):
-        for name in store.list(folder):
-            if name.endswith(PARTIAL):
-                rel = f"{folder}/{name}" if folder else name
-                store.remove(rel)
-                removed.append(rel)
-    return removed
+# ----------------------------------------------------------------------------------------- run record
 
 
-def uncommit(store: Store, shard: int) -> None:
-    """Forget a shard (its marker goes first, so a crash half-way leaves it uncommitted, never mixed)."""
-    for rel in (shard_marker(shard), shard_parquet(shard), shard_tar(shard)):
-        store.remove(rel)
+class BadRunRecord(ValueError):
+    pass
+
+
+def read_run_record(store: Store) -> dict | None:
+    """The run record as stored, or None when there is none; BadRunRecord when it is not a JSON object."""
+    if not store.exists(RUN_RECORD):
+        return None
+    try:
+        record = store.read_json(RUN_RECORD)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise BadRunRecord(f"{store.url_of(RUN_RECORD)} is unreadable ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if not isinstance(record, dict):
+        raise BadRunRecord(f"{store.url_of(RUN_RECORD)} is not a valid run record (a JSON {type(record).__name__}, not an object)")
+    return record
+
+
+def checked_run_record(store: Store) -> dict:
+    """The run record with the fields every reader needs, checked: one clear error instead of a KeyError
+    deep inside a tool. Raises BadRunRecord (unreadable, wrong shape) or FileNotFoundError (none)."""
+    record = read_run_record(store)
+    if record is None:
+        raise FileNotFoundError(store.url_of(RUN_RECORD))
+    problems = []
+    for name in ("samples_per_shard", "num_samples", "num_shards"):
+        value = record.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "samples_per_shard" else 0):
+            problems.append(f"{name} is {value!r}")
+    if record.get("image_format") not in IMAGE_FORMATS:
+        problems.append(f"image_format is {record.get('image_format')!r}")
+    for name in ("fingerprints", "fingerprint_parts", "model", "config"):
+        if name in record and not isinstance(record[name], dict):
+            problems.append(f"{name} is not an object")
+    if problems:
+        raise BadRunRecord(f"{store.url_of(RUN_RECORD)} is not a valid run record ({'; '.join(problems)})")
+    return record
+
+
+# ------------------------------------------------------------------------------------ manifest and index
 
 
 def read_index(store: Store, shard: int) -> pa.Table:
     return pq.read_table(store.open(shard_parquet(shard)))
-
-
-def consolidate(store: Store, counts: list[int]) -> pa.Table:
-    """Write `manifest.parquet` (all per-shard rows, in index order) and `shards/sizes.json`. The index
-    files are fetched in one batched read (concurrent on object stores)."""
-    paths = [store.path(shard_parquet(shard)) for shard in range(len(counts))]
-    contents = store.fs.cat(paths, on_error="return") if paths else {}
-    tables = []
-    for shard, path in enumerate(paths):
-        data = contents.get(path, contents.get(store.fs.unstrip_protocol(path)))
-        try:
-            if data is None or isinstance(data, Exception):
-                raise data or FileNotFoundError(path)
-            tables.append(pq.read_table(pa.BufferReader(data)))
-        except (OSError, ValueError, pa.ArrowException) as exc:
-            uncommit(store, shard)  # a re-run regenerates it instead of failing here again
-            raise UnreadableIndex(shard, exc) from None
-    table = pa.concat_tables(tables) if tables else PARQUET_SCHEMA.empty_table()
-    with store.scratch_file(MANIFEST) as local:
-        pq.write_table(table, local)
-        store.put_file(local, MANIFEST)
-    store.write_json(SIZES, {Path(shard_tar(shard)).name: count for shard, count in enumerate(counts)})
-    return table
-
-
-class UnreadableIndex(Exception):
-    def __init__(self, shard: int, exc: Exception):
-        super().__init__(f"{shard_parquet(shard)} is unreadable ({type(exc).__name__}: {str(exc)[:120]})")
-        self.shard = shard
-
-
-def remove_consolidated(store: Store) -> None:
-    """Drop manifest and sizes.json while shards change, so no reader takes an unfinished run as complete."""
-    store.remove(MANIFEST)
-    store.remove(SIZES)
-
-
-def write_dataset(
-    out: str | Path,
-    samples: list[ShardSample],
-    samples_per_shard: int,
-    image_format: str = "jpg",
-    quality: int = 95,
-    record: dict | None = None,
-) -> Store:
-    """A complete run directory from samples made elsewhere (toy target sets, tests): shards of
-    `samples_per_shard`, manifest, sizes.json and a minimal dreamshard.json (plus the entries of `record`).
-    Sample i of the list must have metadata index i."""
-    store = Store(out)
-    counts = shard_counts(len(samples), samples_per_shard)
-    for shard in range(len(counts)):
-        write_shard(store, shard, samples[shard * samples_per_shard : (shard + 1) * samples_per_shard], image_format, quality)
-    consolidate(store, counts)
-    write_run_record(store, {
-        "format_version": FORMAT_VERSION, "num_samples": len(samples), "samples_per_shard": samples_per_shard,
-        "num_shards": len(counts), "image_format": image_format, "layout": LAYOUT, "fingerprints": {}, "model": {},
-        **(record or {}),
-    })  # fmt: skip
-    return store
 
 
 def read_manifest(where: str | Path | Store) -> pa.Table:
@@ -206,36 +174,6 @@ def manifest_rows(table: pa.Table) -> list[dict]:
     return table_to_records(table)
 
 
-def read_run_record(store: Store) -> dict | None:
-    return store.read_json(RUN_RECORD) if store.exists(RUN_RECORD) else None
-
-
-class BadRunRecord(ValueError):
-    pass
-
-
-def checked_run_record(store: Store) -> dict:
-    """The run record with the fields every reader needs, checked: one clear error instead of a KeyError
-    deep inside a tool. Raises BadRunRecord (unreadable, wrong shape) or FileNotFoundError (none)."""
-    try:
-        record = read_run_record(store)
-    except (OSError, ValueError) as exc:
-        raise BadRunRecord(f"{store.url_of(RUN_RECORD)} is unreadable ({type(exc).__name__}: {exc})") from None
-    if record is None:
-        raise FileNotFoundError(store.url_of(RUN_RECORD))
-    problems = [] if isinstance(record, dict) else ["not a JSON object"]
-    if not problems:
-        for name in ("samples_per_shard", "num_samples", "num_shards"):
-            value = record.get(name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "samples_per_shard" else 0):
-                problems.append(f"{name} is {value!r}")
-        if record.get("image_format") not in IMAGE_FORMATS:
-            problems.append(f"image_format is {record.get('image_format')!r}")
-    if problems:
-        raise BadRunRecord(f"{store.url_of(RUN_RECORD)} is not a valid run record ({'; '.join(problems)})")
-    return record
-
-
 def committed_rows(store: Store, committed: dict[int, dict]) -> pa.Table:
     """The metadata rows of the committed shards: the manifest when it holds exactly them, else their
     index files (a manifest left from before shards were un-committed would count samples that are gone)."""
@@ -251,27 +189,27 @@ def committed_rows(store: Store, committed: dict[int, dict]) -> pa.Table:
     return pa.concat_tables(tables) if tables else PARQUET_SCHEMA.empty_table()
 
 
-def write_run_record(store: Store, record: dict) -> None:
-    store.write_json(RUN_RECORD, record)
+# ------------------------------------------------------------------------------------------- samples
+
+
+def reraise(exc: Exception) -> bool:
+    raise exc
+
+
+def tar_samples(streams: Iterable[tuple[str, IO[bytes]]], handler: Callable[[Exception], bool] = reraise) -> Iterator[dict[str, Any]]:
+    """The one tar reader: samples (`__key__`, `__url__`, one bytes value per member extension) of each
+    (url, open binary stream), in tar order, by WebDataset's key rules (the key is the member name up to the
+    first dot of its base name; a repeated member of one key is an error). `handler(exc)` returns True to
+    skip what failed and go on (webdataset's handler convention); the default raises."""
+    opened = ({"url": url, "stream": stream} for url, stream in streams)
+    yield from group_by_keys(tar_file_expander(opened, handler=handler), handler=handler)
 
 
 def read_shard(store: Store, shard: int) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {field: bytes}) of each sample of a shard's tar, in tar order (WebDataset key rules: the key
-    is the member name up to the first dot of its base name)."""
-    with store.open(shard_tar(shard)) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
-        key, fields = None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name.rsplit("/", 1)[-1]
-            member_key, _, ext = name.partition(".")
-            if key is not None and (member_key != key or ext in fields):  # a repeated field: a duplicate key
-                yield key, fields
-                fields = {}
-            key = member_key
-            fields[ext] = tar.extractfile(member).read()
-        if key is not None:
-            yield key, fields
+    """(key, {field: bytes}) of each sample of a committed shard's tar, in tar order (see `tar_samples`)."""
+    with store.open(shard_tar(shard)) as stream:
+        for sample in tar_samples([(store.url_of(shard_tar(shard)), stream)]):
+            yield sample["__key__"], {name: value for name, value in sample.items() if not name.startswith("__")}
 
 
 # ------------------------------------------------------------------------------------------ subsets

@@ -1,5 +1,5 @@
 """The sample record: one definition from which the json fields, the Parquet schema and the defaults
-are derived (DESIGN.md data contract).
+are derived (docs/format.md is the contract).
 
 Every sample's `json` in a tar holds the fields with `in_json`, in this order; the per-shard index Parquet
 and the manifest hold them all. Run-dependent facts (which worker, how long) are index-only, so a tar's

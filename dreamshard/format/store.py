@@ -80,11 +80,16 @@ class Store:
 
     def sizes(self, folder: str) -> dict[str, int]:
         """{file name: bytes} of the files directly in `folder`, from one listing ({} if it does not exist)."""
+        return {name: size for name, (size, _) in self.listing(folder).items()}
+
+    def listing(self, folder: str) -> dict[str, tuple[int, str]]:
+        """{file name: (bytes, stamp)} of the files directly in `folder` from one listing; the stamp changes
+        whenever a file is rewritten (its ETag on object stores, its mtime on disk)."""
         try:
             entries = self.fs.ls(self.path(folder), detail=True)
         except FileNotFoundError:
             return {}
-        return {Path(entry["name"]).name: entry.get("size") for entry in entries if entry.get("type") == "file"}
+        return {Path(entry["name"]).name: (entry.get("size"), _stamp(entry)) for entry in entries if entry.get("type") == "file"}
 
     def makedirs(self) -> None:
         for folder in FOLDERS:
@@ -137,6 +142,14 @@ class ScratchFile:
             os.remove(self.local)
         if self._tmpdir:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+STAMP_FIELDS = ("ETag", "etag", "md5Hash", "generation", "LastModified", "updated", "mtime", "ino", "created")  # s3fs, gcsfs, local, memory
+
+
+def _stamp(entry: dict) -> str:
+    """What identifies this version of a listed file: every field of the listing that changes on a rewrite."""
+    return "/".join(str(entry[name]) for name in STAMP_FIELDS if entry.get(name) is not None)
 
 
 def json_bytes(data: Any) -> bytes:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dreamshard.format.reader import write_dataset
+from dreamshard.format.rundir import write_dataset
 from dreamshard.format.shards import ShardSample
 
 TOY_CLASSES = ("ground", "sky", "building", "car", "pole")
