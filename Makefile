@@ -40,6 +40,7 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check dreamshard tests bench
 	$(BIN)/ruff format --check dreamshard tests bench
+	$(BIN)/mypy
 
 format: setup
 	$(BIN)/ruff check --fix dreamshard tests bench

@@ -64,17 +64,17 @@ def plain_loop(study: dict, out: Path) -> float:
     import torch
 
     from dreamshard.config import StudyConfig, validate
-    from dreamshard.study import StudyRun, _train_config, run_train_config, train_one
+    from dreamshard.study import StudyRun, base_train_config, run_train_config, train_one
 
     config = validate(StudyConfig, {**study, "output": {"path": str(out)}})
     torch.set_num_threads(1)  # what a 1-CPU Ray task gets
     started = time.perf_counter()
-    base = _train_config(config)
+    base = base_train_config(config)
     for size in config.sizes:
         for seed in config.seeds:
             run = StudyRun(size, seed)
             (out / "runs" / run.run_id).mkdir(parents=True, exist_ok=True)
-            train_one(run_train_config(config, base, run, out).model_dump(mode="json"), str(out / "runs" / run.run_id / "result.json"), size, seed)
+            train_one(run_train_config(config, base, run, out), str(out / "runs" / run.run_id / "result.json"), size, seed)
     return time.perf_counter() - started
 
 

@@ -116,7 +116,7 @@ def bench_training(iters: int) -> list[tuple[str, float]]:
             if method == "dacs":
                 sets.append(f"data.target.shards.path={toy['target']}")
             summary = train(load_config(Path(__file__).parents[1] / "configs" / f"toy_{method}.yaml", TrainConfig, sets))
-            rows.append((f"toy {method} (configs/toy_{method}.yaml)", summary["it_per_s"]))
+            rows.append((f"toy {method} (configs/toy_{method}.yaml)", summary.it_per_s))
     return rows
 
 

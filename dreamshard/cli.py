@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -254,11 +253,11 @@ def train(
     from dreamshard.trainer.loop import train as run_train
 
     summary = run_train(load_config(config, TrainConfig, sets), restart=restart)
-    if summary["mIoU"] is not None:
-        best = summary["best"]
+    if summary.mIoU is not None:
+        best = summary.best
         best_text = f"; best {100 * best['mIoU']:.2f} at iteration {best['iteration']} ({best['checkpoint']})" if best else ""
         console.print(
-            f"{summary['output']}: mIoU {100 * summary['mIoU']:.2f} after {summary['iterations']} iterations{best_text} ({summary['wall_s']:.0f} s)",
+            f"{summary.output}: mIoU {100 * summary.mIoU:.2f} after {summary.iterations} iterations{best_text} ({summary.wall_s:.0f} s)",
             highlight=False,
             markup=False,
         )
@@ -273,15 +272,13 @@ def evaluate(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Also write the metrics (per-class IoU) to this JSON file."),
 ) -> None:
     """Evaluate a checkpoint on data.val: per-class IoU, mIoU (and mIoU16/13 for the 19 classes), accuracy."""
-    import json
-
     from dreamshard.config import TrainConfig, load_config
+    from dreamshard.format.store import atomic_write_json
     from dreamshard.trainer.evaluation import evaluate_checkpoint
 
     summary = evaluate_checkpoint(load_config(config, TrainConfig, sets), checkpoint)
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_json(output, summary)
 
 
 @app.command("toy-data")
@@ -328,4 +325,4 @@ def run() -> None:  # pragma: no cover - console entry for `python -m dreamshard
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run())
+    run()

@@ -103,7 +103,8 @@ class ClusterWatchdog(threading.Thread):
 
     def __init__(self, ray, left: Callable[[], str]) -> None:
         super().__init__(daemon=True, name="cluster-watchdog")
-        self.ray, self.left, self.problem, self._stop = ray, left, None, threading.Event()
+        self.ray, self.left, self._stop = ray, left, threading.Event()
+        self.problem: str | None = None
 
     def message(self) -> str:
         return f"the Ray cluster is gone ({self.problem}); {self.left()} left: re-run the same command to resume"

@@ -26,8 +26,9 @@ class Strict(BaseModel):
 
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
 
-MODES = ("txt2img", "img2img", "controlnet_seg", "depth2img")  # generation modes; all but txt2img keep a source label
-CONDITIONED_MODES = MODES[1:]
+# The generation modes' names (engine/modes holds one object per mode; tests/test_modes.py checks the two agree).
+ModeName = Literal["txt2img", "img2img", "controlnet_seg", "depth2img"]
+MODES: tuple[str, ...] = typing.get_args(ModeName)
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -224,7 +225,7 @@ class QualityConfig(Strict):
 
 
 class GenerateConfig(Strict):
-    mode: Literal[MODES] = "txt2img"
+    mode: ModeName = "txt2img"
     model: ModelConfig = ModelConfig()
     prompts: PromptsConfig = PromptsConfig()
     sampling: SamplingConfig = SamplingConfig()
@@ -561,8 +562,15 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[list[s
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    """Set each dotted key in a nested dict (creating sections as needed); returns the dict."""
-    for parts, value in parse_overrides(overrides):
+    """Set each `--set dotted.key=value` (values parsed as YAML) in a nested dict; returns the dict."""
+    return set_values(data, parse_overrides(overrides))
+
+
+def set_values(data: dict, values) -> dict:
+    """Set each (dotted key or its parts, value) in a nested dict (creating sections as needed), values as
+    given (no parsing); returns the dict."""
+    for parts, value in values:
+        parts = parts.split(".") if isinstance(parts, str) else parts
         node = data
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part)

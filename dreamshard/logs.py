@@ -7,6 +7,7 @@ import logging
 import os
 import time
 import warnings
+from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -61,7 +62,8 @@ class StageProgress:
         self.started = self.last_line = time.monotonic()
         self.lines = 0  # plain lines printed; a loop shorter than LOG_EVERY prints none, not even at the end
         self.terminal = console.is_terminal
-        self._bar = self._task = None
+        self._bar: Progress | None = None
+        self._task: Any = None
 
     def __enter__(self) -> StageProgress:
         if self.enabled and self.terminal:

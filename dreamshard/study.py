@@ -7,7 +7,7 @@ skips every run that has one (and a half-finished run resumes from its own train
 
 from __future__ import annotations
 
-import hashlib
+import copy
 import json
 import logging
 import math
@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dreamshard.cluster import ClusterWatchdog, fits_a_node, ray_session
-from dreamshard.config import GenerateConfig, StudyConfig, TrainConfig, apply_overrides, read_yaml, validate
+from dreamshard.config import GenerateConfig, StudyConfig, TrainConfig, apply_overrides, read_yaml, set_values, validate
 from dreamshard.errors import RunFailure, UserError, one_line
 from dreamshard.format.layout import RUN_RECORD
 from dreamshard.format.reader import committed_prefix, read_run_record
-from dreamshard.format.store import Store, atomic_write_json
+from dreamshard.format.store import Store, atomic_write, atomic_write_json
+from dreamshard.identity import digest
 from dreamshard.logs import StageProgress
 
 log = logging.getLogger(__name__)
@@ -85,22 +86,23 @@ def run_study(config: StudyConfig, address: str | None = None, show_progress: bo
     then write study.parquet / .csv / .md / .png into `config.output.path`."""
     out = Path(config.output.path)
     sizes = parse_sizes(config.sizes)
-    train_config = _train_config(config)
+    train_config = base_train_config(config)
     runs = [StudyRun(size, seed) for size in sizes for seed in config.seeds]
     if config.train.baseline:
         runs += [StudyRun(None, seed) for seed in config.seeds]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "study_config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2))
+    atomic_write_json(out / "study_config.json", config.model_dump(mode="json"))
 
     # What each run's result depends on: a result made under other settings (iterations, method, subset
     # order, the training config) is stale and the run trains again.
-    expected = {run.run_id: run_settings(run_train_config(config, train_config, run, out)) for run in runs}
+    configs = {run.run_id: run_train_config(config, train_config, run, out) for run in runs}
+    expected = {run_id: run_settings(train) for run_id, train in configs.items()}
 
     def finished(run: StudyRun) -> bool:
         return _stored_settings(out, run) == expected[run.run_id]
 
     for run in runs:  # a stale result, or a half-trained run under other settings, is cleared (a half-trained one otherwise resumes)
-        if _stale(out, run, expected[run.run_id], run_train_config(config, train_config, run, out)):
+        if _stale(out, run, expected[run.run_id], configs[run.run_id]):
             log.warning("study run %s was trained with other settings; training it again from scratch", run.run_id)
             shutil.rmtree(out / "runs" / run.run_id)
     todo = [run for run in runs if not finished(run)]
@@ -108,7 +110,7 @@ def run_study(config: StudyConfig, address: str | None = None, show_progress: bo
     if todo:  # a study with nothing left to train starts no Ray at all
         with ray_session(address):
             ensure_samples(config, max(sizes), address)
-            _train_all(config, train_config, todo, out, summary, show_progress)
+            _train_all(config, {run.run_id: configs[run.run_id] for run in todo}, todo, out, summary, show_progress)
     summary.rows = [_read_result(out, run) for run in runs if finished(run)]
     write_results(out, summary.rows)
     return summary
@@ -162,7 +164,7 @@ def _generate_config(config: StudyConfig) -> GenerateConfig:
 # ----------------------------------------------------------------------------------------------- training
 
 
-def _train_config(config: StudyConfig) -> dict:
+def base_train_config(config: StudyConfig) -> dict:
     """The training config every run starts from (file + study overrides), validated once up front."""
     data = apply_overrides(read_yaml(config.train.config), config.train.overrides)
     validate(TrainConfig, data, config.train.config)
@@ -170,21 +172,21 @@ def _train_config(config: StudyConfig) -> dict:
 
 
 def run_train_config(config: StudyConfig, base: dict, run: StudyRun, out: Path) -> TrainConfig:
-    """The full training config of one run: its subset, seed, iterations and output directory."""
+    """The full training config of one run: its subset, seed, iterations and output directory, set as
+    values (a path like `123` or `on` stays a string)."""
+    baseline = config.train.baseline or ""  # the baseline run exists only when one is configured
     if run.size is None:
-        data = apply_overrides(read_yaml(config.train.baseline), config.train.overrides)
+        data = apply_overrides(read_yaml(baseline), config.train.overrides)
     else:
-        data = json.loads(json.dumps(base))  # deep copy
         order = "stratified" if config.stratified else "manifest"
-        data = apply_overrides(
-            data, [f"data.target.shards.path={config.data.run}", f"data.target.shards.subset={run.size}", f"data.target.shards.subset_order={order}"]
-        )
-    settings = [f"seed={run.seed}", f"output.path={out / 'runs' / run.run_id / 'train'}"]
+        subset = {"data.target.shards.path": config.data.run, "data.target.shards.subset": run.size, "data.target.shards.subset_order": order}
+        data = set_values(copy.deepcopy(base), subset.items())
+    settings = {"seed": run.seed, "output.path": str(out / "runs" / run.run_id / "train")}
     iterations = _iterations(config, data, run.size)
     if iterations:
-        settings.append(f"max_iters={iterations}")
-    data = apply_overrides(data, settings)
-    return validate(TrainConfig, data, config.train.baseline if run.size is None else config.train.config)
+        settings["max_iters"] = iterations
+    data = set_values(data, settings.items())
+    return validate(TrainConfig, data, baseline if run.size is None else config.train.config)
 
 
 def _iterations(config: StudyConfig, train_data: dict, size: int | None) -> int | None:
@@ -192,18 +194,18 @@ def _iterations(config: StudyConfig, train_data: dict, size: int | None) -> int 
     if config.fixed == "iterations" or size is None:
         return config.iterations
     batch = TrainConfig.model_validate(train_data).data.batch_size
+    assert config.epochs is not None  # StudyConfig requires it with fixed: epochs
     return max(1, math.ceil(config.epochs * size / batch))
 
 
-def _train_all(config: StudyConfig, base: dict, todo: list[StudyRun], out: Path, summary: StudySummary, show_progress: bool) -> None:
+def _train_all(config: StudyConfig, configs: dict[str, TrainConfig], todo: list[StudyRun], out: Path, summary: StudySummary, show_progress: bool) -> None:
     import ray
 
     resources = {"num_cpus": config.resources.num_cpus, "num_gpus": config.resources.num_gpus}
     task = ray.remote(max_retries=config.max_retries, retry_exceptions=True, **resources)(train_one)
     pending = {}
     for run in todo:
-        train_config = run_train_config(config, base, run, out)
-        ref = task.remote(train_config.model_dump(mode="json"), str(out / "runs" / run.run_id / RESULT), run.size, run.seed)
+        ref = task.remote(configs[run.run_id], str(out / "runs" / run.run_id / RESULT), run.size, run.seed)
         pending[ref] = run
     total, best = len(todo), None
     watchdog = ClusterWatchdog(ray, lambda: f"{len(pending)} training run(s)")  # a cluster gone: one line, not a hang
@@ -257,20 +259,16 @@ def run_settings(config: TrainConfig) -> str:
     """A digest of everything one run's result depends on (its iterations included)."""
     from dreamshard.trainer.checkpoints import result_settings
 
-    settings = {**result_settings(config), "max_iters": config.max_iters}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return digest({**result_settings(config), "max_iters": config.max_iters})
 
 
 def _stale(out: Path, run: StudyRun, expected: str, train_config: TrainConfig) -> bool:
-    from dreamshard.trainer.checkpoints import RUN_SETTINGS, result_settings
+    """A result made under other settings, or a half-trained run under other settings (it would resume)."""
+    from dreamshard.trainer.checkpoints import settings_changes
 
     if (out / "runs" / run.run_id / RESULT).is_file():
         return _stored_settings(out, run) != expected
-    partial = Path(train_config.output.path) / RUN_SETTINGS
-    try:
-        return partial.is_file() and json.loads(partial.read_text()).get("settings") != result_settings(train_config)
-    except (OSError, ValueError, AttributeError):
-        return True
+    return bool(settings_changes(Path(train_config.output.path), train_config))
 
 
 def _stored_settings(out: Path, run: StudyRun) -> str | None:
@@ -280,20 +278,19 @@ def _stored_settings(out: Path, run: StudyRun) -> str | None:
         return None
 
 
-def train_one(train_config: dict, result_path: str, size: int | None, seed: int) -> dict:
+def train_one(config: TrainConfig, result_path: str, size: int | None, seed: int) -> dict:
     """One study run (a Ray task): train, evaluate, write result.json last (atomic rename)."""
     from dreamshard.trainer.loop import train
 
-    config = TrainConfig.model_validate(train_config)
     started = time.perf_counter()
     result = train(config)
     row = {
         "size": size,
         "seed": seed,
-        "miou": result["mIoU"],
-        "per_class_iou": result["per_class_iou"],
+        "miou": result.mIoU,
+        "per_class_iou": result.per_class_iou,
         "wall_seconds": time.perf_counter() - started,
-        "images_per_s": result.get("images_per_s"),
+        "images_per_s": result.images_per_s,
         "iterations": config.max_iters,
         "settings": run_settings(config),
     }
@@ -320,7 +317,7 @@ def write_results(out: Path, rows: list[dict]) -> None:
     table = pa.Table.from_pylist(flat)
     pq.write_table(table, out / "study.parquet")
     pacsv.write_csv(table, out / "study.csv")
-    (out / "study.md").write_text(markdown_table(rows))
+    atomic_write(out / "study.md", markdown_table(rows))
     plot(rows, out / "study.png")
 
 

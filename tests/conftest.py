@@ -1,4 +1,6 @@
-"""Shared fixtures: one tiny model and one local Ray cluster per test session (each costs seconds)."""
+"""Shared fixtures: one tiny model and one local Ray cluster per test session (each costs seconds); and the
+test tiers: a test that starts Ray or builds or loads a diffusion pipeline (through one of HEAVY_FIXTURES, or
+marked by hand) is `slow`, so `make test-fast` (-m "not slow") is the unit tier."""
 
 from __future__ import annotations
 
@@ -7,6 +9,16 @@ import os
 from pathlib import Path
 
 import pytest
+
+# Fixtures that start Ray or build a diffusion model: every test that uses one (directly or through another
+# fixture) belongs to the slow tier.
+HEAVY_FIXTURES = {"ray_cluster", "tiny_model", "tiny_sdxl", "tiny_clip", "s3_endpoint", "tiny", "assets", "models", "unfiltered", "hub_cache"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

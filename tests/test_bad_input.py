@@ -229,12 +229,12 @@ def test_wrong_val_path_is_reported_before_training(trained, tmp_path):
 def test_pipe_urls_need_allow_pipe(tmp_path):
     from dreamshard.config import ShardsConfig
     from dreamshard.errors import UserError
-    from dreamshard.trainer.data import resolve_shards
+    from dreamshard.trainer.data import ShardAccess, resolve_shards
 
     with pytest.raises(UserError, match="data.allow_pipe"):
         resolve_shards(ShardsConfig(path=f"pipe:touch {tmp_path}/ran"))
     assert not (tmp_path / "ran").exists()
-    assert resolve_shards(ShardsConfig(path="pipe:cat a.tar"), allow_pipe=True)[0] == ["pipe:cat a.tar"]
+    assert resolve_shards(ShardsConfig(path="pipe:cat a.tar"), ShardAccess(allow_pipe=True))[0] == ["pipe:cat a.tar"]
 
 
 def test_progress_lines_when_the_output_is_a_log(good_run, trained, tmp_path, monkeypatch):

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from dreamshard import __version__
 
 
@@ -22,6 +24,7 @@ def test_version():
     assert out.returncode == 0 and out.stdout.strip() == f"dreamshard {__version__}"
 
 
+@pytest.mark.slow  # builds a pipeline
 def test_tiny_model_command_and_refusal_to_overwrite(tmp_path):
     out = dreamshard("tiny-model", str(tmp_path / "m"))
     assert out.returncode == 0, out.stderr

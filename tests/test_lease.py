@@ -14,6 +14,12 @@ from dreamshard.format.lease import OutputLease
 from dreamshard.format.store import Store
 
 
+@pytest.fixture(autouse=True)
+def quick_settle(monkeypatch):
+    """The pause between writing a lease and reading it back matters between two processes, not here."""
+    monkeypatch.setattr("dreamshard.format.lease.SETTLE_S", 0.01)
+
+
 @pytest.fixture(params=["local", "memory"])
 def store(request, tmp_path) -> Store:
     return Store(tmp_path / "run" if request.param == "local" else f"memory://lease-{uuid.uuid4().hex}/run")

@@ -260,7 +260,7 @@ def test_class_images_are_cropped_at_native_size_instance_images_resized(assets,
     for index, pixels in enumerate(natives):
         Image.fromarray(pixels).save(out / "class_images" / f"{index:05d}.png")
     config = make_config(assets, out, resize=128, prior={"enabled": True, "num_images": 3})
-    images = personalize_module._class_images(config, out, personalize_module._accelerator("no", 1))  # the cached files: nothing generated
+    images = personalize_module.load_class_images(config, out, personalize_module.make_accelerator("no", 1))  # the cached files: nothing generated
     assert [tuple(image.shape) for image in images] == [(3, 64, 64), (3, 72, 96), (3, 64, 75)]  # the last is smaller than the crop: resized up
     as_pixels = [((image + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy() for image in images]
     assert np.array_equal(as_pixels[0], natives[0]) and np.array_equal(as_pixels[1], natives[1])

@@ -216,8 +216,8 @@ def test_supervised_synthetic_on_labelled_shards_evaluated_on_shards(tmp_path):
         optim={"warmup_iters": 0, "grad_accum": 2},
     )  # fmt: skip
     summary = train(config)
-    assert summary["pixels"] == 8 * SIZE * SIZE  # every val pixel of every sample, at label size
-    assert summary["per_class_iou"]["class2"] is not None and summary["per_class_iou"]["class0"] is None
+    assert summary.pixels == 8 * SIZE * SIZE  # every val pixel of every sample, at label size
+    assert summary.per_class_iou["class2"] is not None and summary.per_class_iou["class0"] is None
 
 
 def test_backbone_loads_local_pretrained_weights(tmp_path):

@@ -39,14 +39,14 @@ def test_dacs_beats_source_only_on_the_toy_domain_shift(toy, tmp_path):
     dacs = train(toy_config(toy, tmp_path / "dacs", "dacs"))
     # Measured at 150 iterations (docs/benchmarks.md): seed 0 source_only 0.374 mIoU, dacs 0.637;
     # seed 1: 0.402 and 0.683. Chance level on five classes is about 0.1.
-    assert source_only["mIoU"] > 0.30  # it learns, but the colour shift costs it buildings and cars
-    assert dacs["mIoU"] > source_only["mIoU"] + 0.15  # and adapting to the target clearly helps
+    assert source_only.mIoU > 0.30  # it learns, but the colour shift costs it buildings and cars
+    assert dacs.mIoU > source_only.mIoU + 0.15  # and adapting to the target clearly helps
     for summary in (source_only, dacs):
-        out = Path(summary["output"])
+        out = Path(summary.output)
         assert (out / "config.yaml").is_file() and (out / "summary.json").is_file()
-        assert list((out / "tb").iterdir()) and (out / "eval" / f"iter_{summary['iterations']:07d}.txt").is_file()
-        assert set(summary["per_class_iou"]) == {"ground", "sky", "building", "car", "pole"}
-        assert summary["images_per_s"] > 0 and summary["wall_s"] > 0
+        assert list((out / "tb").iterdir()) and (out / "eval" / f"iter_{summary.iterations:07d}.txt").is_file()
+        assert set(summary.per_class_iou) == {"ground", "sky", "building", "car", "pole"}
+        assert summary.images_per_s > 0 and summary.wall_s > 0
 
 
 @pytest.mark.slow
@@ -54,9 +54,9 @@ def test_resume_checkpoint_eval_and_bad_input(toy, tmp_path):
     out = tmp_path / "run"
     small = {"model.backbone": "test_resnet", "model.embed_dim": 16, "data.batch_size": 2, "checkpoint_interval": 1, "log_interval": 1}
     first = train(toy_config(toy, out, "dacs", max_iters=2, **small))
-    assert first["resumed_from"] == 0 and (out / "checkpoints" / "iter_0000002" / "teacher.safetensors").is_file()
+    assert first.resumed_from == 0 and (out / "checkpoints" / "iter_0000002" / "teacher.safetensors").is_file()
     second = train(toy_config(toy, out, "dacs", max_iters=3, **small))
-    assert second["resumed_from"] == 2 and second["ranks"][0]["steps"] == 1
+    assert second.resumed_from == 2 and second.ranks[0]["steps"] == 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best", "iter_0000002", "iter_0000003"]  # keep 2, and the best evaluation
     logged = [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged[:2] == [1, 2] and 3 in logged
@@ -74,7 +74,7 @@ def test_resume_checkpoint_eval_and_bad_input(toy, tmp_path):
     sets = [arg for item in toy_sets(toy, out, "dacs", **{k: v for k, v in small.items() if k.startswith("model.")}) for arg in ("--set", item)]
     result = runner.invoke(app, ["eval", config, "--checkpoint", str(out / "checkpoints" / "iter_0000003"), "-o", str(tmp_path / "m.json"), *sets])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "m.json").read_text())["mIoU"] == pytest.approx(second["mIoU"])  # same weights, same data
+    assert json.loads((tmp_path / "m.json").read_text())["mIoU"] == pytest.approx(second.mIoU)  # same weights, same data
 
     result = runner.invoke(
         app, ["eval", config, "--checkpoint", str(out / "checkpoints" / "iter_0000003"), *sets, "--set", "model.num_classes=6", "--set", "model.class_names=[]"]
@@ -104,14 +104,14 @@ def test_backbone_and_decoder_train_evaluate_and_keep_the_best(toy, tmp_path, ba
     small |= {"eval_interval": 2, "checkpoint_interval": 2, "log_interval": 1, "data.val.folder.limit": 16}
     first = train(toy_config(toy, out, "dacs", max_iters=4, **small))
     summary = train(toy_config(toy, out, "dacs", max_iters=6, **small))  # resumed at 4: one more evaluation
-    assert summary["resumed_from"] == 4 and first["best"]["iteration"] in (2, 4)
+    assert summary.resumed_from == 4 and first.best["iteration"] in (2, 4)
     mious = val_mious(out)
     assert sorted(mious) == [2, 4, 6] and all(0 <= value <= 1 for value in mious.values())
     best_iteration = max(mious, key=lambda it: (mious[it], -it))  # ties keep the earlier evaluation
-    assert summary["best"]["iteration"] == best_iteration and summary["best"]["mIoU"] == pytest.approx(mious[best_iteration])
-    assert summary["last"] == {**summary["last"], "iteration": 6, "mIoU": summary["mIoU"]} and summary["mIoU"] == pytest.approx(mious[6])
-    assert json.loads((out / "summary.json").read_text())["best"] == summary["best"]
-    best = Path(summary["best"]["checkpoint"])
+    assert summary.best["iteration"] == best_iteration and summary.best["mIoU"] == pytest.approx(mious[best_iteration])
+    assert summary.last == {**summary.last, "iteration": 6, "mIoU": summary.mIoU} and summary.mIoU == pytest.approx(mious[6])
+    assert json.loads((out / "summary.json").read_text())["best"] == summary.best
+    best = Path(summary.best["checkpoint"])
     assert json.loads((best / "state.json").read_text())["iteration"] == best_iteration
     assert [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("iter_")] == ["best"]
 
@@ -120,4 +120,4 @@ def test_backbone_and_decoder_train_evaluate_and_keep_the_best(toy, tmp_path, ba
     sets = [arg for item in toy_sets(toy, out, "dacs", **shaping) for arg in ("--set", item)]
     result = CliRunner().invoke(app, ["eval", config, "--checkpoint", str(best), "-o", str(tmp_path / "best.json"), *sets])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "best.json").read_text())["mIoU"] == pytest.approx(summary["best"]["mIoU"])
+    assert json.loads((tmp_path / "best.json").read_text())["mIoU"] == pytest.approx(summary.best["mIoU"])

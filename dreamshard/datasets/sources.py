@@ -115,7 +115,7 @@ def scan(source: LabelledSource, workers: int | None = None) -> LabelledSource:
 def resolve_label_map(config: SourceConfig) -> LabelMap:
     if config.id_map:
         return make_label_map("id_map", config.id_map, ())
-    kind = config.labels
+    kind: str = config.labels
     if kind == "auto":
         kind = {"cityscapes": "cityscapes_ids", "gta5": "cityscapes_ids", "synthia": "synthia_ids"}.get(config.layout, "train_ids")
     if kind == "train_ids":
@@ -140,7 +140,8 @@ def read_label(path: Path, first_channel: bool = False) -> np.ndarray:
                 return np.asarray(image)
             if not first_channel:
                 raise UserError(f"label {path} is a {image.mode} colour image; expected single-channel label ids (e.g. *_labelIds.png)")
-            rawmode = image.tile[0].args if image.tile else None
+            tiles = getattr(image, "tile", None)  # ImageFile's decoder tiles (a PNG's)
+            rawmode = tiles[0].args if tiles else None
             rawmode = rawmode[0] if isinstance(rawmode, tuple) else rawmode
             if isinstance(rawmode, str) and rawmode.endswith(";16B"):
                 return _first_channel_16bit(path, rawmode)

@@ -190,9 +190,10 @@ def conditioner_for(config: GenerateConfig) -> Conditioner | None:
     check_settings(config)
     if not mode_for(config.mode).keeps_label:
         return None
-    source = open_checked_source(config.source, config.mode)
+    source_config = required_source(config.source, config.mode)
+    source = open_checked_source(source_config, config.mode)
     check_pairing(config, len(source))
-    return Conditioner(config.mode, source, config.condition, config.source.num_classes, config.prompts)
+    return Conditioner(config.mode, source, config.condition, source_config.num_classes, config.prompts)
 
 
 def check_settings(config: GenerateConfig) -> None:
@@ -223,7 +224,8 @@ def required_source(config: SourceConfig | None, mode: str) -> SourceConfig:
 
 def open_checked_source(config: SourceConfig | None, mode: str) -> LabelledSource:
     """List and pre-scan the source of a conditioned mode: every problem surfaces before generation starts."""
-    source = scan(open_source(required_source(config, mode)))
+    config = required_source(config, mode)
+    source = scan(open_source(config))
     log.info("source: %d %s item(s) under %s, passed the pre-scan (%s)", len(source), config.layout, config.root, config.scan)
     if source.skipped:
         log.warning("source: skipped %d bad item(s) of %d (skip_bad), e.g. %s", len(source.skipped), len(source) + len(source.skipped), source.skipped[0])

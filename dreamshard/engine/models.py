@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 LORA_MANIFEST = "dreamshard_lora.json"
 
 # scheduler name -> (diffusers class name, extra config)
-SCHEDULERS = {
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "euler": ("EulerDiscreteScheduler", {}),

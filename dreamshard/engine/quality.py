@@ -144,7 +144,7 @@ class QualityJudge:
         score = self.clip.score(image, prompt) if self.clip is not None else None
         blank = is_blank(image)
         reasons = []
-        if quality.min_clip_score is not None and score < quality.min_clip_score:
+        if quality.min_clip_score is not None and score is not None and score < quality.min_clip_score:
             reasons.append("clip_score")
         if quality.reject_nsfw and nsfw:
             reasons.append("nsfw")
@@ -154,6 +154,7 @@ class QualityJudge:
 
     @torch.no_grad()
     def _nsfw(self, image: Image.Image) -> bool:
+        assert self.checker is not None  # called only with a checker
         checker, processor = self.checker
         rgb = image.convert("RGB")
         clip_input = processor(images=[rgb], return_tensors="pt")["pixel_values"].to(self.device)

@@ -56,6 +56,7 @@ class RunSummary:
     retries: int
     failed_workers: int
     failed_shards: dict[int, str] = field(default_factory=dict)  # shard -> last error
+    action: str = ""  # what the output held: fresh / resume / extend / complete (format/rundir.py's classify)
 
     @property
     def ok(self) -> bool:
@@ -174,7 +175,7 @@ def worker_pool(config: GenerateConfig, store: Store, model_info: dict, conditio
     run = config.run
     gpus = 0.0 if config.model.device == "cpu" else ray.cluster_resources().get("GPU", 0.0)
     # Threads: the in-flight shards plus one for progress() and pid() calls.
-    options = {"num_cpus": 1, "max_concurrency": SHARDS_IN_FLIGHT + 1, "max_restarts": 0, "max_task_retries": 0}
+    options: dict[str, float] = {"num_cpus": 1, "max_concurrency": SHARDS_IN_FLIGHT + 1, "max_restarts": 0, "max_task_retries": 0}
     if gpus >= run.gpus_per_worker:
         size, threads = int(gpus // run.gpus_per_worker + 1e-9), None
         options["num_gpus"] = run.gpus_per_worker
@@ -189,7 +190,9 @@ def worker_pool(config: GenerateConfig, store: Store, model_info: dict, conditio
     )
 
 
-def summarize(config: GenerateConfig, counts: list[int], committed: dict[int, dict], state: RunState, report: DriverReport | None, started: float) -> RunSummary:
+def summarize(
+    config: GenerateConfig, counts: list[int], committed: dict[int, dict], state: RunState, report: DriverReport | None, started: float
+) -> RunSummary:
     report = report or DriverReport()
     return RunSummary(
         out=config.output.path,
@@ -206,6 +209,7 @@ def summarize(config: GenerateConfig, counts: list[int], committed: dict[int, di
         retries=report.retries,
         failed_workers=report.failed_workers,
         failed_shards=dict(report.failed),
+        action=state.action,
     )
 
 

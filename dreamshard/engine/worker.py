@@ -19,6 +19,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -98,7 +99,7 @@ class GenerationWorker:
                             pending.put(sample)
                 finally:
                     pending.close()
-                info = {"worker": self.name}
+                info: dict[str, Any] = {"worker": self.name}
                 if self._judge is not None:
                     info["quality"] = {"draws": tally["draws"], "exhausted": tally["exhausted"], "rejected": {r: tally[r] for r in REASONS}}
                 return writer.commit(info)

@@ -88,10 +88,10 @@ class OutputLease:
             return True
         return False
 
-    def renew(self) -> None:
-        """Called from the command's loop: rewrites the heartbeat every HEARTBEAT_S; stops the run if another
-        command took the lease over (this one was presumed dead)."""
-        if time.monotonic() - self.renewed < HEARTBEAT_S:
+    def renew(self, now: bool = False) -> None:
+        """Called from the command's loop: rewrites the heartbeat every HEARTBEAT_S (or `now`); stops the run if
+        another command took the lease over (this one was presumed dead)."""
+        if not now and time.monotonic() - self.renewed < HEARTBEAT_S:
             return
         held = self._read()
         if held is not None and held.get("owner") != self.record["owner"]:
@@ -123,9 +123,27 @@ class OutputLease:
         return data if isinstance(data, dict) else {"problem": f"a JSON {type(data).__name__}, not an object"}
 
     def _write(self) -> None:
-        self.store.makedirs()
+        self.store.fs.makedirs(self.store.root, exist_ok=True)
         self.store.write_json(LEASE, {**self.record, "heartbeat": time.time()})
         self.renewed = time.monotonic()
+
+
+class NoLease:
+    """What a process that holds no lease has (the other ranks of a distributed run): renewing does nothing."""
+
+    def __enter__(self) -> NoLease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def renew(self, now: bool = False) -> None:
+        pass
+
+
+def lease_for(store: Store, command: str, holder: bool) -> OutputLease | NoLease:
+    """The output's lease for the process that writes it (`holder`), nothing for the others."""
+    return OutputLease(store, command) if holder else NoLease()
 
 
 def heartbeat_age(held: dict[str, Any]) -> float | None:

@@ -50,10 +50,10 @@ def committed_shards(store: Store, samples_per_shard: int, use_snapshot: bool = 
     paths = {store.path(shard_marker(shard)): shard for shard in shards if shard not in committed}
     contents = store.fs.cat(list(paths), on_error="return") if paths else {}
     for path, data in contents.items():
-        shard = paths.get(path, paths.get(store.fs._strip_protocol(path)))
+        found = paths.get(path, paths.get(store.fs._strip_protocol(path)))
         marker = _parse_marker(data)
-        if shard is not None and marker is not None and _consistent(shard, marker, samples_per_shard, tar_sizes, index_sizes):
-            committed[shard] = marker
+        if found is not None and marker is not None and _consistent(found, marker, samples_per_shard, tar_sizes, index_sizes):
+            committed[found] = marker
     return committed
 
 

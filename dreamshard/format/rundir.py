@@ -121,11 +121,11 @@ class RunDir:
             return RunState("refuse", "the output is not a dreamshard run directory (files but no dreamshard.json)", other_dataset=True, fix=ELSEWHERE), None
         if record is None:
             return None, None
-        stored = record.get("fingerprints"), record.get("fingerprint_parts", {})
-        if not isinstance(stored[0], dict) or not isinstance(stored[1], dict):
+        digests, parts = record.get("fingerprints"), record.get("fingerprint_parts", {})
+        if not isinstance(digests, dict) or not isinstance(parts, dict):
             reason = "the output's dreamshard.json holds no fingerprints (not written by `dreamshard generate`)"
             return RunState("refuse", reason, record=record, other_dataset=True, fix=ELSEWHERE), record
-        differs = identity.changes_from(*stored)
+        differs = identity.changes_from(digests, parts)
         if differs:
             reason = f"the output holds a dataset made with a different {' and '.join(differs)}"
             return RunState("refuse", reason, record=record, other_dataset=True, fix=ELSEWHERE), record

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -128,8 +128,12 @@ class ScratchFile:
 
     def __init__(self, store: Store, rel: str) -> None:
         unique = f".{uuid.uuid4().hex[:8]}{PARTIAL}"
-        self._tmpdir = None if store.is_local else tempfile.mkdtemp(prefix="dreamshard-")
-        self.local = store.path(rel) + unique if store.is_local else os.path.join(self._tmpdir, Path(rel).name + unique)
+        self._tmpdir: str | None = None
+        if store.is_local:
+            self.local = store.path(rel) + unique
+        else:
+            self._tmpdir = tempfile.mkdtemp(prefix="dreamshard-")
+            self.local = os.path.join(self._tmpdir, Path(rel).name + unique)
 
     def __enter__(self) -> str:
         return self.local
@@ -187,6 +191,13 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def numbered_dirs(folder: Path, prefix: str, complete: Callable[[Path], bool]) -> list[Path]:
+    """The directories `folder/{prefix}{number}` that `complete` accepts, by number, oldest first (checkpoints
+    of the trainer and of personalisation)."""
+    found = [path for path in Path(folder).glob(f"{prefix}*") if path.name.removeprefix(prefix).isdigit() and complete(path)]
+    return sorted(found, key=lambda path: int(path.name.removeprefix(prefix)))
 
 
 def as_store(where: str | Path | Store) -> Store:

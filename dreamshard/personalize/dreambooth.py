@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +37,10 @@ from safetensors.torch import load_file, save_file
 from dreamshard.config import PersonalizeConfig, dump_config
 from dreamshard.engine.models import LORA_MANIFEST, load_base_pipeline, load_pipeline, resolve_model_path
 from dreamshard.errors import UserError, one_line
-from dreamshard.format.layout import PARTIAL
-from dreamshard.format.store import atomic_path
+from dreamshard.format.layout import LEASE, PARTIAL
+from dreamshard.format.lease import lease_for
+from dreamshard.format.store import Store, atomic_path, atomic_write, numbered_dirs
+from dreamshard.identity import describe, settings_changes
 from dreamshard.logs import StageProgress, console
 
 log = logging.getLogger(__name__)
@@ -69,48 +72,56 @@ def personalize(config: PersonalizeConfig) -> Path:
     base, lora = resolve_model_path(config.model)
     if lora:
         raise UserError(f"model.path {config.model.path} is a LoRA output; personalise a full pipeline (its base model {base})")
-    accelerator = _accelerator(train.mixed_precision, train.gradient_accumulation)
-    if accelerator.is_main_process:
-        _claim_output(out, config)
-    accelerator.wait_for_everyone()
-    class_images = _class_images(config, out, accelerator)
+    accelerator = make_accelerator(train.mixed_precision, train.gradient_accumulation)
+    main = accelerator.is_main_process
+    with lease_for(Store(out), "personalize", main) as lease:  # one writer per output: the main process holds it
+        if main:
+            _claim_output(out, config)
+        accelerator.wait_for_everyone()
+        return _personalize(config, out, accelerator, instance_images, base, lease.renew)
 
-    trainer = Trainer(config, base, out, accelerator, instance_images, class_images)
+
+def _personalize(config: PersonalizeConfig, out: Path, accelerator, instance_images, base: str, renew_lease: Callable[..., None]) -> Path:
+    train = config.train
+    class_images = load_class_images(config, out, accelerator)
+
+    dreambooth = DreamBoothRun(config, base, out, accelerator, instance_images, class_images)
     eval_images = [center_crop(image, train.resolution) for image in instance_images]
-    train_log = TrainLog(out / TRAIN_LOG, keep_through=trainer.start_step)
+    train_log = TrainLog(out / TRAIN_LOG, keep_through=dreambooth.start_step)
     info = _output_info(base, config)
     main = accelerator.is_main_process
 
     def evaluate(step: int) -> None:
         if main:
-            train_log.write({"step": step, "eval_loss": evaluation_loss(trainer.pipe, eval_images, config.instance.prompt)})
+            train_log.write({"step": step, "eval_loss": evaluation_loss(dreambooth.pipe, eval_images, config.instance.prompt)})
 
-    if trainer.start_step == 0:
+    if dreambooth.start_step == 0:
         evaluate(0)
-    with StageProgress("personalize", train.max_steps, "steps", completed=trainer.start_step, enabled=main) as progress:
+    with StageProgress("personalize", train.max_steps, "steps", completed=dreambooth.start_step, enabled=main) as progress:
         started = time.perf_counter()
-        for step in range(trainer.start_step + 1, train.max_steps + 1):
+        for step in range(dreambooth.start_step + 1, train.max_steps + 1):
             step_started = time.perf_counter()
-            loss = trainer.step(step)
+            loss = dreambooth.step(step)
             now = time.perf_counter()
-            rate = (step - trainer.start_step) / (now - started)
+            rate = (step - dreambooth.start_step) / (now - started)
             if main:
-                train_log.write({"step": step, "loss": loss, "lr": trainer.lr, "seconds": now - step_started, "steps_per_s": rate})
+                train_log.write({"step": step, "loss": loss, "lr": dreambooth.lr, "seconds": now - step_started, "steps_per_s": rate})
                 progress.update(step, f"loss {loss:.4f}, {rate:.2f} steps/s")
+            renew_lease()
             if step % config.output.checkpoint_every == 0 and step < train.max_steps:
                 accelerator.wait_for_everyone()
-                write_checkpoint(trainer, out, step, info)
+                write_checkpoint(dreambooth, out, step, info)
                 evaluate(step)
     accelerator.wait_for_everyone()
     if main:
-        write_final(trainer.pipe, train.method, out, info | {"step": train.max_steps})
+        write_final(dreambooth.pipe, train.method, out, info | {"step": train.max_steps})
         evaluate(train.max_steps)
         console.print(f"personalised model written to {out}", markup=False)
     accelerator.end_training()
     return out
 
 
-class Trainer:
+class DreamBoothRun:
     """The models, optimizer and data of one run; `step` does one optimizer step (with gradient accumulation).
     Built from the newest checkpoint when there is one: full fine-tuning from its weights, LoRA from the base
     plus its saved LoRA tensors; the optimizer state and step come from its training state."""
@@ -226,7 +237,7 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
 def resize_shorter_side(image: Image.Image, size: int) -> torch.Tensor:
     """A (3, H, W) tensor in [-1, 1] whose shorter side is `size`."""
     scale = size / min(image.size)
-    return image_tensor(image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC))
+    return image_tensor(image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.Resampling.BICUBIC))
 
 
 def class_image_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
@@ -287,7 +298,7 @@ def generate_class_images(config: PersonalizeConfig, folder: Path) -> None:
     del pipe
 
 
-def _class_images(config: PersonalizeConfig, out: Path, accelerator) -> list[torch.Tensor]:
+def load_class_images(config: PersonalizeConfig, out: Path, accelerator) -> list[torch.Tensor]:
     if not config.prior.enabled:
         return []
     if accelerator.is_main_process:
@@ -300,7 +311,7 @@ def _class_images(config: PersonalizeConfig, out: Path, accelerator) -> list[tor
 # ---------------------------------------------------------------------------------------------- model
 
 
-def _accelerator(mixed_precision: str, gradient_accumulation: int):
+def make_accelerator(mixed_precision: str, gradient_accumulation: int):
     from accelerate import Accelerator
 
     if mixed_precision == "auto":
@@ -421,36 +432,28 @@ def checkpoint_step(checkpoint: Path) -> int:
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest checkpoint holding a training state (the resume point), or None. Checkpoints are renamed
     into place complete, so one that exists is whole."""
-    resumable = [d for d in out.glob("checkpoint-*") if (d / TRAINING_STATE).is_dir() and d.name.split("-")[-1].isdigit()]
-    return max(resumable, key=checkpoint_step, default=None)
+    resumable = numbered_dirs(out, "checkpoint-", lambda path: (path / TRAINING_STATE).is_dir())
+    return resumable[-1] if resumable else None
 
 
 def _claim_output(out: Path, config: PersonalizeConfig) -> None:
     """Create OUT, or check that an existing OUT is this same run (so a re-run resumes, never overwrites)."""
     record = out / CONFIG_RECORD
-    current = config.model_dump(mode="json")
     if record.is_file():
-        previous = yaml.safe_load(record.read_text(encoding="utf-8")) or {}
-        difference = _first_difference(previous, current)
-        if difference:
+        try:
+            previous = yaml.safe_load(record.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise UserError(f"{record} is unreadable ({type(exc).__name__}); restore it, or choose a new output.path") from None
+        changed = settings_changes(previous, config.model_dump(mode="json"))
+        if changed:
             raise UserError(
-                f"{out} holds a personalisation run with a different config ({difference}); re-run with the same config to resume, or choose a new output.path"
+                f"{out} holds a personalisation run with a different config ({describe(changed)}); re-run with the same config to resume, or choose a new output.path"
             )
         return
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and set(p.name for p in out.iterdir()) - {LEASE}:
         raise UserError(f"output {out} exists and is not a personalisation run; choose a new output.path or remove it")
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_RECORD).write_text(dump_config(config), encoding="utf-8")
-
-
-def _first_difference(previous, current, prefix: str = "") -> str | None:
-    if isinstance(previous, dict) and isinstance(current, dict):
-        for key in sorted(set(previous) | set(current)):
-            found = _first_difference(previous.get(key), current.get(key), f"{prefix}{key}.")
-            if found:
-                return found
-        return None
-    return None if previous == current else f"{prefix.rstrip('.')}: {previous!r} then, {current!r} now"
+    atomic_write(record, dump_config(config))
 
 
 def _output_info(base: str, config: PersonalizeConfig) -> dict:
@@ -486,14 +489,14 @@ def save_output(pipe, method: str, dest: Path, info: dict) -> None:
     (dest / LORA_MANIFEST).write_text(json.dumps(info, indent=2), encoding="utf-8")
 
 
-def write_checkpoint(trainer: Trainer, out: Path, step: int, info: dict) -> Path:
+def write_checkpoint(dreambooth: DreamBoothRun, out: Path, step: int, info: dict) -> Path:
     """OUT/checkpoint-{step}: a loadable output plus the training state (every process takes part in
     accelerate's save_state); older checkpoints drop their states."""
-    accelerator, final = trainer.accelerator, out / f"checkpoint-{step}"
+    accelerator, final = dreambooth.accelerator, out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}{PARTIAL}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        save_output(trainer.pipe, trainer.config.train.method, tmp, info | {"step": step})
+        save_output(dreambooth.pipe, dreambooth.config.train.method, tmp, info | {"step": step})
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / TRAINING_STATE))
     accelerator.wait_for_everyone()
@@ -532,7 +535,7 @@ class TrainLog:
         self.path = path
         if path.is_file():
             kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= keep_through]
-            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            atomic_write(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         with self.path.open("a", encoding="utf-8") as fh:

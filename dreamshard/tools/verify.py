@@ -140,7 +140,8 @@ def _verify_shard(store, shard, marker, image_format, decode_images, problems) -
 def _check_not_blank(key: str, data: bytes, problems: list[str]) -> None:
     """A flat image (every pixel one value, e.g. the black frames of a diverged or censored generation)."""
     image = Image.open(io.BytesIO(data)).convert("L")
-    low, high = image.getextrema()
+    low, high = image.getextrema()  # one band: (min, max)
+    assert isinstance(low, (int, float)) and isinstance(high, (int, float))
     if high - low <= 2:
         problems.append(f"sample {key}: the image is blank (every pixel {low}..{high}); check sampling.guidance_scale and the safety checker")
 

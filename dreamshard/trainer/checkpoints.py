@@ -21,7 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from dreamshard.config import TrainConfig
 from dreamshard.errors import UserError, one_line
-from dreamshard.format.store import atomic_path, atomic_write_json
+from dreamshard.format.layout import LEASE
+from dreamshard.format.store import atomic_path, atomic_write_json, numbered_dirs
+from dreamshard.identity import changes, describe, flatten
 from dreamshard.trainer.methods import unwrap
 from dreamshard.trainer.model import Segmenter
 
@@ -83,7 +85,7 @@ def read_best(folder: Path) -> dict | None:
 
 def list_checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    return sorted(p for p in folder.glob("iter_*") if (p / STATE).is_file())
+    return numbered_dirs(folder, "iter_", lambda path: (path / STATE).is_file())
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -162,17 +164,17 @@ NOT_RESULT = (
 def result_settings(config: TrainConfig) -> dict[str, Any]:
     """Every setting that shapes the result (method, model, data paths and subsets, optimiser, schedule,
     seed, ...), flattened to dotted keys."""
-    flat: dict[str, Any] = {}
+    return {key: value for key, value in flatten(config.model_dump(mode="json")).items() if not key.startswith(NOT_RESULT)}
 
-    def walk(value, prefix: str) -> None:
-        if isinstance(value, dict) and value:
-            for key, item in value.items():
-                walk(item, f"{prefix}{key}.")
-        else:
-            flat[prefix.rstrip(".")] = value
 
-    walk(config.model_dump(mode="json"), "")
-    return {key: value for key, value in flat.items() if not key.startswith(NOT_RESULT)}
+def settings_changes(out: Path, config: TrainConfig) -> list[str]:
+    """How `config` differs from the settings the run in `out` was trained with ([] when the same, or when
+    `out` holds no run, or an unreadable record of one)."""
+    try:
+        stored = json.loads((out / RUN_SETTINGS).read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return changes(stored, result_settings(config)) if isinstance(stored, dict) else []
 
 
 def claim_output(out: Path, config: TrainConfig, restart: bool, main: bool) -> None:
@@ -184,19 +186,13 @@ def claim_output(out: Path, config: TrainConfig, restart: bool, main: bool) -> N
         if main:
             aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
             out.rename(aside)
+            (aside / LEASE).unlink(missing_ok=True)  # this run's lease, moved with it: the new output gets its own
             log.warning("--restart: moved the previous output to %s", aside)
-    elif config.resume and (out / RUN_SETTINGS).is_file():
-        try:
-            stored = json.loads((out / RUN_SETTINGS).read_text())["settings"]
-        except (OSError, ValueError, KeyError, TypeError):
-            stored = None
-        current = result_settings(config)
-        if stored is not None and stored != current:
-            keys = list(current) + [key for key in stored if key not in current]  # in config order: method and seed first
-            changed = [f"{key}: {stored.get(key)!r} then, {current.get(key)!r} now" for key in keys if stored.get(key) != current.get(key)]
-            more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
+    elif config.resume:
+        changed = settings_changes(out, config)
+        if changed:
             raise UserError(
-                f"{out} holds a run trained with other settings ({'; '.join(changed[:4])}{more}); resuming needs the same "
+                f"{out} holds a run trained with other settings ({describe(changed)}); resuming needs the same "
                 "settings (only max_iters may grow): pass --restart to move the old output aside and start over, or set output.path"
             )
         latest = latest_checkpoint(out / "checkpoints")

@@ -27,14 +27,13 @@ import webdataset as wds
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from dreamshard.config import DomainConfig, RCSConfig, ShardsConfig, TrainDataConfig
 from dreamshard.datasets.labels import IGNORE_INDEX
 from dreamshard.datasets.sources import LabelledSource, open_source, scan
 from dreamshard.errors import RunFailure, UserError, one_line
 from dreamshard.format.layout import LABEL_FIELD, RUN_RECORD, shard_tar
-from dreamshard.format.reader import committed_shards, read_run_record, subset_keys
+from dreamshard.format.reader import committed_shards, read_run_record, subset_keys, tar_samples
 from dreamshard.format.store import Store, atomic_write, filesystem, is_url
 
 log = logging.getLogger(__name__)
@@ -42,6 +41,7 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "png", "webp", "jpeg")
 LABEL_KEY = LABEL_FIELD
 CROP_TRIES = 10  # mmseg RandomCrop / DAFormer RCS re-crop attempts
+OPEN_RETRIES = (0.5, 1.0, 2.0)  # back-off seconds between attempts to open a shard (transient errors)
 
 
 # --------------------------------------------------------------------------------------- transforms
@@ -67,9 +67,9 @@ class Augment:
         """(uint8 CHW image, uint8 HW label or None). With `focus`, re-crop until the crop has > `min_focus`
         pixels of that class (RCS)."""
         if self.resize and image.size != pil_size(self.resize):
-            image = image.resize(pil_size(self.resize), Image.BILINEAR)
+            image = image.resize(pil_size(self.resize), Image.Resampling.BILINEAR)
         if label is not None and label.shape != (image.height, image.width):
-            label = np.asarray(Image.fromarray(label).resize(image.size, Image.NEAREST))
+            label = np.asarray(Image.fromarray(label).resize(image.size, Image.Resampling.NEAREST))
         pixels = np.asarray(image)
         pixels, label = pad_to(pixels, label, self.crop)
         top, left = self.crop_origin(pixels.shape[:2], label, rng, focus, min_focus)
@@ -139,14 +139,47 @@ def worker_rng(seed: int, *parts: int) -> np.random.Generator:
 # ------------------------------------------------------------------------------------------- shards
 
 
-def resolve_shards(spec: ShardsConfig, allow_pipe: bool = False) -> tuple[list[str], set[str] | None]:
+@dataclass(frozen=True)
+class ShardAccess:
+    """How the trainer may open shards: whether `pipe:` URLs (a shell command, webdataset's convention) are
+    allowed, and the back-off seconds between attempts to open a shard (transient errors). One object from
+    the config, passed wherever a shard is opened."""
+
+    allow_pipe: bool = False
+    retries: tuple[float, ...] = OPEN_RETRIES
+
+    @classmethod
+    def of(cls, data: TrainDataConfig) -> ShardAccess:
+        return cls(allow_pipe=data.allow_pipe)
+
+    def open(self, url: str):
+        """A readable binary stream of a shard at a local path or any fsspec URL (s3://, gs://, http(s)://, ...),
+        retried with back-off on transient errors."""
+        if url.startswith("pipe:"):
+            self.check_pipe(url)
+            return wds.gopen(url, "rb")
+        for delay in (*self.retries, None):
+            try:
+                return fsspec.open(url, "rb").open()
+            except (FileNotFoundError, PermissionError, IsADirectoryError):
+                raise
+            except OSError:
+                if delay is None:
+                    raise
+                time.sleep(delay)
+
+    def check_pipe(self, url: str) -> None:
+        if not self.allow_pipe:
+            raise UserError(f"shard URL {url[:60]!r} runs a shell command (webdataset pipe: URL); set data.allow_pipe: true if you mean to")
+
+
+def resolve_shards(spec: ShardsConfig, access: ShardAccess = ShardAccess()) -> tuple[list[str], set[str] | None]:
     """Shard URLs of a run directory (committed shards only), glob, brace pattern, tar file or URL list, on
     the local disk or any fsspec filesystem; and for `subset` the keys of the first N manifest samples
     (None: all samples)."""
     path = spec.path.strip()
     if path.startswith("pipe:"):
-        if not allow_pipe:
-            raise UserError(f"shards.path {path[:60]!r} runs a shell command (webdataset pipe: URL); set data.allow_pipe: true if you mean to")
+        access.check_pipe(path)
         if spec.subset:
             raise UserError(f"shards.subset needs a run directory (with its manifest), not a pipe: URL ({path})")
         return list(braceexpand.braceexpand(path)), None
@@ -205,7 +238,6 @@ class DataError(RunFailure):
 
 MIN_SHARD_ATTEMPTS = 8  # shards read before a failure fraction is judged
 MAX_UNUSABLE_SAMPLES = 64  # samples read with none usable before the stream gives up
-OPEN_RETRIES = (0.5, 1.0, 2.0)  # back-off seconds between attempts to open a shard (transient errors)
 
 
 class StreamHealth:
@@ -268,37 +300,18 @@ class MissingLabel(ValueError):
     pass
 
 
-def open_shard(url: str, allow_pipe: bool = False):
-    """A readable binary stream of a shard at a local path or any fsspec URL (s3://, gs://, http(s)://, ...),
-    retried with back-off on transient errors. `pipe:` URLs run a shell command: only with data.allow_pipe."""
-    if url.startswith("pipe:"):
-        if not allow_pipe:
-            raise UserError(f"shard URL {url[:60]!r} runs a shell command; set data.allow_pipe: true if you mean to")
-        return wds.gopen(url, "rb")
-    for delay in (*OPEN_RETRIES, None):
-        try:
-            return fsspec.open(url, "rb").open()
-        except (FileNotFoundError, PermissionError, IsADirectoryError):
-            raise
-        except OSError:
-            if delay is None:
-                raise
-            time.sleep(delay)
-
-
-def shard_samples(urls, health: StreamHealth, allow_pipe: bool = False):
+def shard_samples(urls, health: StreamHealth, access: ShardAccess):
     """Webdataset stage: dicts with `url` → sample dicts (key + fields) of each shard, through fsspec."""
     for item in urls:
         health.shard_opened()
         try:
-            stream = open_shard(item["url"], allow_pipe)
+            stream = access.open(item["url"])
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 - counted; StreamHealth stops the stream past its budget
             health.shard_failed(exc)
             continue
-        opened = [{"url": item["url"], "stream": stream}]
-        yield from group_by_keys(tar_file_expander(opened, handler=health.shard_failed), handler=health.shard_failed)
+        yield from tar_samples([(item["url"], stream)], handler=health.shard_failed)
 
 
 def shard_pipeline(
@@ -311,7 +324,7 @@ def shard_pipeline(
     seed: int,
     domain: str,
     max_bad_fraction: float = 0.5,
-    allow_pipe: bool = False,
+    access: ShardAccess = ShardAccess(),
 ) -> wds.DataPipeline:
     """An endless stream of batches from shards (per rank and worker)."""
     health = StreamHealth(domain, max_bad_fraction, len(urls))
@@ -320,7 +333,7 @@ def shard_pipeline(
         stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
     else:
         stages = [wds.SimpleShardList(urls), _check_split, wds.split_by_node, wds.split_by_worker]
-    stages.append(lambda items: shard_samples(items, health, allow_pipe))
+    stages.append(lambda items: shard_samples(items, health, access))
     if keys is not None:
         stages.append(wds.select(lambda sample: sample["__key__"] in keys))
     if spec.shuffle_buffer:
@@ -346,11 +359,13 @@ class ShardDecoder:
     """Sample dict from a tar → augmented (image, label) tensors. Labels are the mode-L `seg.png` train ids."""
 
     def __init__(self, augment: Augment, labelled: bool, seed: int, health: StreamHealth | None = None):
-        self.augment, self.labelled, self.seed, self.rng, self.health = augment, labelled, seed, None, health
+        self.augment, self.labelled, self.seed, self.health = augment, labelled, seed, health
+        self.rng: np.random.Generator | None = None
 
     def __call__(self, sample: dict):
         if self.rng is None:
             self.rng = worker_rng(self.seed, wds.utils.pytorch_worker_info()[0])
+        rng = self.rng
         image_key = next((k for k in IMAGE_KEYS if k in sample), None)
         if image_key is None:
             raise ValueError(f"sample {sample.get('__key__')} has no image field")
@@ -360,7 +375,7 @@ class ShardDecoder:
             if LABEL_KEY not in sample:
                 raise MissingLabel(f"sample {sample.get('__key__')} has no {LABEL_KEY}")
             label = np.asarray(Image.open(io.BytesIO(sample[LABEL_KEY])))  # mode L train ids, no conversion
-        result = self.augment(image, label, self.rng)
+        result = self.augment(image, label, rng)
         if self.health is not None:
             self.health.sample_decoded()
         return result
@@ -436,6 +451,7 @@ def class_stats(source: LabelledSource, cache_dir: Path) -> list[dict[int, int]]
 
 
 def open_folder(domain: DomainConfig) -> LabelledSource:
+    assert domain.folder is not None  # DomainConfig holds a folder or shards
     return scan(open_source(domain.folder))
 
 
@@ -443,25 +459,26 @@ def train_loader(
     name: str, domain: DomainConfig, data: TrainDataConfig, labelled: bool, seed: int, batches: int, rcs: RCSConfig | None = None, cache_dir: Path | None = None
 ) -> wds.WebLoader:
     """A loader that yields exactly `batches` batches on this rank (dict: image uint8 BCHW, label uint8 BHW)."""
-    augment = Augment(domain.resize, tuple(data.crop_size), data.flip, data.cat_max_ratio if labelled else 1.0)
+    augment = Augment(domain.resize, data.crop_size, data.flip, data.cat_max_ratio if labelled else 1.0)
     if domain.shards is not None:
-        urls, keys = resolve_shards(domain.shards, data.allow_pipe)
-        dataset = shard_pipeline(urls, keys, augment, labelled, data.batch_size, domain.shards, seed, name, data.max_bad_fraction, data.allow_pipe)
+        access = ShardAccess.of(data)
+        urls, keys = resolve_shards(domain.shards, access)
+        dataset = shard_pipeline(urls, keys, augment, labelled, data.batch_size, domain.shards, seed, name, data.max_bad_fraction, access)
     else:
         source = open_folder(domain)
-        sampler = RareClassSampler(class_stats(source, cache_dir), rcs) if rcs is not None and rcs.enabled else None
+        sampler = RareClassSampler(class_stats(source, cache_dir or Path(data.cache_dir)), rcs) if rcs is not None and rcs.enabled else None
         dataset = FolderStream(source, augment, data.batch_size, seed, sampler)
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=data.workers, persistent_workers=False)
     return loader.with_epoch(batches)
 
 
-def read_all_samples(urls: list[str], allow_pipe: bool = False) -> list[dict]:
+def read_all_samples(urls: list[str], access: ShardAccess = ShardAccess()) -> list[dict]:
     """Every sample of the shards, in order; an unreadable shard is an error (an evaluation must be whole)."""
-    samples = []
+    samples: list[dict] = []
     for url in urls:
         try:
-            with open_shard(url, allow_pipe) as stream:
-                samples += group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+            with access.open(url) as stream:
+                samples += tar_samples([(url, stream)])
         except (OSError, ValueError, tarfile.TarError) as exc:
             raise UserError(f"cannot read evaluation shard {url} ({one_line(exc)}); fix or remove it") from None
     return samples
@@ -470,15 +487,16 @@ def read_all_samples(urls: list[str], allow_pipe: bool = False) -> list[dict]:
 class EvalSet(Dataset):
     """Whole labelled images for evaluation: (uint8 CHW image at the model's input size, uint8 HW label)."""
 
-    def __init__(self, domain: DomainConfig, allow_pipe: bool = False):
+    def __init__(self, domain: DomainConfig, access: ShardAccess = ShardAccess()):
         self.resize = domain.resize
+        self.source: LabelledSource | None = None
         if domain.folder is not None:
             self.source = open_folder(domain)
             self.items: list = list(self.source.items)
         else:
-            urls, keys = resolve_shards(domain.shards, allow_pipe)
-            self.source = None
-            self.items = [s for s in read_all_samples(urls, allow_pipe) if keys is None or s["__key__"] in keys]
+            assert domain.shards is not None  # DomainConfig holds a folder or shards
+            urls, keys = resolve_shards(domain.shards, access)
+            self.items = [s for s in read_all_samples(urls, access) if keys is None or s["__key__"] in keys]
             if any(LABEL_KEY not in s for s in self.items):
                 raise UserError(f"evaluation shards {domain.shards.path} have samples without {LABEL_KEY}; evaluate on labelled data")
 
@@ -494,7 +512,7 @@ class EvalSet(Dataset):
             image = Image.open(io.BytesIO(item[image_key])).convert("RGB")
             label = np.asarray(Image.open(io.BytesIO(item[LABEL_KEY])))
         if self.resize and image.size != pil_size(self.resize):
-            image = image.resize(pil_size(self.resize), Image.BILINEAR)
+            image = image.resize(pil_size(self.resize), Image.Resampling.BILINEAR)
         return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()), torch.from_numpy(np.array(label))
 
 

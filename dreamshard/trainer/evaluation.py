@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -14,9 +13,10 @@ from torch.utils.data import DataLoader, Subset
 from dreamshard.config import EvalConfig, TrainConfig
 from dreamshard.datasets.labels import CLASSES, NUM_CLASSES
 from dreamshard.errors import UserError
+from dreamshard.format.store import atomic_write, atomic_write_json
 from dreamshard.logs import console
 from dreamshard.trainer.checkpoints import load_weights, read_weights
-from dreamshard.trainer.data import EvalSet, check_labels
+from dreamshard.trainer.data import EvalSet, ShardAccess, check_labels
 from dreamshard.trainer.metrics import confusion_metric, format_table, summarize
 from dreamshard.trainer.model import Segmenter
 from dreamshard.trainer.runtime import Runtime, init_distributed, runtime, sync_buffers
@@ -35,7 +35,9 @@ def class_names(config: TrainConfig) -> list[str]:
 def evaluate(config: TrainConfig, model: Segmenter, rt: Runtime, dataset: EvalSet | None = None) -> dict:
     """Confusion matrix over the whole val set (each rank a slice, summed across ranks) → metrics summary."""
     sync_buffers(model, rt)
-    dataset = dataset or EvalSet(config.data.val, config.data.allow_pipe)
+    if dataset is None:
+        assert config.data.val is not None  # callers evaluate only with a val set
+        dataset = EvalSet(config.data.val, ShardAccess.of(config.data))
     part = Subset(dataset, range(rt.rank, len(dataset), rt.world))
     loader = DataLoader(part, batch_size=config.eval.batch_size, num_workers=config.eval.workers)
     metric = confusion_metric(config.model.num_classes).to(rt.device)
@@ -79,10 +81,9 @@ def evaluate_and_save(config: TrainConfig, model: Segmenter, rt: Runtime, out: P
     summary = evaluate(config, model, rt, dataset)
     if rt.main:
         folder = out / "eval"
-        folder.mkdir(parents=True, exist_ok=True)
         table = format_table(summary)
-        (folder / f"iter_{iteration:07d}.txt").write_text(table + "\n")
-        (folder / f"iter_{iteration:07d}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write(folder / f"iter_{iteration:07d}.txt", table + "\n")
+        atomic_write_json(folder / f"iter_{iteration:07d}.json", summary)
         console.print(f"evaluation at iteration {iteration}:\n{table}", highlight=False, markup=False)
     return summary
 

@@ -14,10 +14,13 @@ Output directory:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +29,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dreamshard.config import OptimConfig, TrainConfig, dump_config
 from dreamshard.errors import one_line
+from dreamshard.format.lease import lease_for
+from dreamshard.format.store import Store, atomic_write, atomic_write_json
 from dreamshard.logs import StageProgress
 from dreamshard.trainer.backbones import require_weights
 from dreamshard.trainer.checkpoints import (
@@ -41,7 +46,7 @@ from dreamshard.trainer.checkpoints import (
     save_checkpoint,
     weights_digest,
 )
-from dreamshard.trainer.data import DataError, EvalSet, check_labels, train_loader
+from dreamshard.trainer.data import DataError, EvalSet, ShardAccess, check_labels, train_loader
 from dreamshard.trainer.evaluation import evaluate_and_save
 from dreamshard.trainer.methods import build_method
 from dreamshard.trainer.model import Segmenter, head_parameter_groups
@@ -50,7 +55,39 @@ from dreamshard.trainer.runtime import Runtime, gather, init_distributed, runtim
 log = logging.getLogger(__name__)
 
 
-def train(config: TrainConfig, restart: bool = False) -> dict:
+EVAL_METRICS = ("mIoU", "mIoU16", "mIoU13", "mAcc", "aAcc")
+SUMMARY = "summary.json"
+
+
+@dataclass
+class TrainSummary:
+    """What `train` returns and writes to OUTPUT/summary.json: the last evaluation's metrics at the top level
+    (fractions in [0, 1]; None without data.val), `last` and `best` with their iterations, and speed."""
+
+    method: str
+    iterations: int
+    resumed_from: int
+    world_size: int
+    mIoU: float | None = None  # the metrics keep their own names, as in every table
+    mIoU16: float | None = None
+    mIoU13: float | None = None
+    mAcc: float | None = None
+    aAcc: float | None = None
+    pixels: int | None = None
+    per_class_iou: dict[str, float | None] = field(default_factory=dict)
+    last: dict | None = None
+    best: dict | None = None  # iteration, metrics, checkpoint (checkpoints/best)
+    wall_s: float = 0.0
+    train_s: float = 0.0
+    images_per_s: float | None = None  # None: nothing was trained (resumed at max_iters)
+    it_per_s: float | None = None
+    skipped: int = 0  # corrupt shards / samples skipped by the data streams
+    weights_sha256: str = ""
+    output: str = ""
+    ranks: list[dict] = field(default_factory=list)  # per rank: steps and weights digest (equal under DDP)
+
+
+def train(config: TrainConfig, restart: bool = False) -> TrainSummary:
     """Train, evaluate on `data.val`, and return the summary (mIoU, per-class IoU, wall time, images/s).
     An existing output resumes only with the same result-shaping settings; `restart` moves it aside first."""
     started = time.time()
@@ -59,60 +96,84 @@ def train(config: TrainConfig, restart: bool = False) -> dict:
     rt = runtime(config)
     out = Path(config.output.path)
     try:
-        val_set = EvalSet(config.data.val, config.data.allow_pipe) if config.data.val else None  # a bad path fails now, not at the end
-        claim_output(out, config, restart, rt.main)
-        if dist.is_initialized():
-            dist.barrier()
-        state, student = build_state(config, rt, out)
-        if rt.main:  # only once the checkpoint (if any) has loaded: a refused resume leaves the old run's record
-            (out / "config.yaml").write_text(dump_config(config), encoding="utf-8")
-            record_settings(out, config)
-        start = state.iteration
-        if rt.main and start == 0:
-            (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
-        best = BestEvaluation(out / "checkpoints", rt, config, start)
-        torch.manual_seed(config.seed * 1_000_003 + start * 1000 + rt.rank)  # augmentation draws differ per rank
-        iterators = data_streams(config, start)
-        logger = MetricsLog(out, rt)
-        train_started = time.time()
-        images, skipped = run_iterations(config, rt, state, student, iterators, logger, out, val_set, best)
-        train_seconds = time.time() - train_started
-        sync_buffers(state.model, rt)
-        if start < config.max_iters and rt.main:
-            save_checkpoint(out / "checkpoints", state, config)
-        last_eval = None
-        if config.data.val:
-            last_eval = evaluate_and_save(config, state.model, rt, out, config.max_iters, val_set)
-            logger.write({"iteration": config.max_iters, **_eval_record(last_eval)})
-            best.update(last_eval, config.max_iters, state.model)
-        if sum(skipped.values()):
-            log.warning("skipped %d corrupt shard(s)/sample(s) while training", sum(skipped.values()))
-        summary = {
-            "method": config.method,
-            "iterations": config.max_iters,
-            "resumed_from": start,
-            "world_size": rt.world,
-            **({k: v for k, v in last_eval.items() if k != "per_class"} if last_eval else {"mIoU": None}),
-            "per_class_iou": {name: row["iou"] for name, row in last_eval["per_class"].items()} if last_eval else {},
-            "last": {"iteration": config.max_iters, **{k: last_eval[k] for k in BEST_METRICS if k in last_eval}} if last_eval else None,
-            "best": best.record,
-            "wall_s": time.time() - started,
-            "train_s": train_seconds,
-            "images_per_s": images / train_seconds if start < config.max_iters else None,
-            "it_per_s": (config.max_iters - start) / train_seconds if start < config.max_iters else None,
-            "skipped": sum(skipped.values()),
-            "weights_sha256": weights_digest(state.model),
-            "output": str(out),
-        }
-        # Every rank's own step count and weights: equal when DDP kept the ranks in step.
-        summary["ranks"] = gather({"steps": config.max_iters - start, "weights_sha256": summary["weights_sha256"]}, rt)
-        if rt.main:
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        logger.close()
-        return summary
+        val_set = EvalSet(config.data.val, ShardAccess.of(config.data)) if config.data.val else None  # a bad path fails now, not at the end
+        with lease_for(Store(out), "train", rt.main) as lease:  # one writer per output: rank 0 holds it
+            return _train(config, rt, out, restart, val_set, lease.renew, started)
     finally:
         if created_group:
             dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, rt: Runtime, out: Path, restart: bool, val_set, renew_lease: Callable[..., None], started: float) -> TrainSummary:
+    claim_output(out, config, restart, rt.main)
+    renew_lease(now=True)  # --restart moved the old output (and the lease in it) aside: hold the new one at once
+    if dist.is_initialized():
+        dist.barrier()
+    state, student = build_state(config, rt, out)
+    if rt.main:  # only once the checkpoint (if any) has loaded: a refused resume leaves the old run's record
+        atomic_write(out / "config.yaml", dump_config(config))
+        record_settings(out, config)
+    start = state.iteration
+    if rt.main and start == 0:
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+    best = BestEvaluation(out / "checkpoints", rt, config, start)
+    torch.manual_seed(config.seed * 1_000_003 + start * 1000 + rt.rank)  # augmentation draws differ per rank
+    iterators = data_streams(config, start)
+    logger = MetricsLog(out, rt)
+    train_started = time.time()
+    images, skipped = run_iterations(config, rt, state, student, iterators, logger, out, val_set, best, renew_lease)
+    train_seconds = time.time() - train_started
+    sync_buffers(state.model, rt)
+    if start < config.max_iters and rt.main:
+        save_checkpoint(out / "checkpoints", state, config)
+    last_eval = None
+    if config.data.val:
+        last_eval = evaluate_and_save(config, state.model, rt, out, config.max_iters, val_set)
+        logger.write({"iteration": config.max_iters, **_eval_record(last_eval)})
+        best.update(last_eval, config.max_iters, state.model)
+    if sum(skipped.values()):
+        log.warning("skipped %d corrupt shard(s)/sample(s) while training", sum(skipped.values()))
+    speed = Speed(images, config.max_iters - start, train_seconds)
+    summary = summarize(config, rt, state, start, last_eval, best, speed, sum(skipped.values()), time.time() - started)
+    if rt.main:
+        atomic_write_json(out / SUMMARY, dataclasses.asdict(summary))
+    logger.close()
+    return summary
+
+
+@dataclass(frozen=True)
+class Speed:
+    images: int  # seen by all ranks
+    iterations: int  # trained by this call
+    seconds: float
+
+
+def summarize(
+    config: TrainConfig, rt: Runtime, state: TrainState, start: int, last_eval: dict | None, best, speed: Speed, skipped: int, wall: float
+) -> TrainSummary:
+    """The run's summary (every rank computes it; rank 0 writes it)."""
+    evaluated = {k: last_eval[k] for k in (*EVAL_METRICS, "pixels") if k in last_eval} if last_eval else {}
+    trained = speed.iterations > 0
+    summary = TrainSummary(
+        method=config.method,
+        iterations=config.max_iters,
+        resumed_from=start,
+        world_size=rt.world,
+        **evaluated,
+        per_class_iou={name: row["iou"] for name, row in last_eval["per_class"].items()} if last_eval else {},
+        last={"iteration": config.max_iters, **{k: last_eval[k] for k in BEST_METRICS if k in last_eval}} if last_eval else None,
+        best=best.record,
+        wall_s=wall,
+        train_s=speed.seconds,
+        images_per_s=speed.images / speed.seconds if trained else None,
+        it_per_s=speed.iterations / speed.seconds if trained else None,
+        skipped=skipped,
+        weights_sha256=weights_digest(state.model),
+        output=str(config.output.path),
+    )
+    # Every rank's own step count and weights: equal when DDP kept the ranks in step.
+    summary.ranks = gather({"steps": speed.iterations, "weights_sha256": summary.weights_sha256}, rt)
+    return summary
 
 
 def build_state(config: TrainConfig, rt: Runtime, out: Path) -> tuple[TrainState, torch.nn.Module]:
@@ -151,10 +212,14 @@ def data_streams(config: TrainConfig, start: int) -> dict:
     return {name: iter(loader) for name, loader in loaders.items()}
 
 
-def run_iterations(config: TrainConfig, rt: Runtime, state: TrainState, student, iterators: dict, logger: MetricsLog, out: Path, val_set=None, best=None):
+def run_iterations(
+    config: TrainConfig, rt: Runtime, state: TrainState, student, iterators: dict, logger: MetricsLog, out: Path, val_set=None, best=None,
+    renew_lease: Callable[..., None] = lambda now=False: None,
+):  # fmt: skip
     """Iterations state.iteration .. max_iters: steps, logging, periodic evaluation and checkpoints.
     Returns (images seen, skipped samples per (domain, worker))."""
-    start, images, skipped = state.iteration, 0, {}
+    start, images = state.iteration, 0
+    skipped: dict[tuple[str, int], int] = {}
     accum = config.optim.grad_accum
     started = time.time()
     with StageProgress(f"train {config.method}", config.max_iters, "iterations", completed=start, enabled=rt.main and config.progress) as progress:
@@ -174,6 +239,7 @@ def run_iterations(config: TrainConfig, rt: Runtime, state: TrainState, student,
             state.scaler.update()
             state.scheduler.step()
             state.iteration = done = iteration + 1
+            renew_lease()
 
             elapsed = max(time.time() - started, 1e-9)
             if done % config.log_interval == 0 or done == config.max_iters:
@@ -265,7 +331,7 @@ class MetricsLog:
 
     def __init__(self, out: Path, rt: Runtime) -> None:
         self.out, self.main = out, rt.main
-        self.tb = _tensorboard(out) if rt.main else None
+        self.tb = _tensorboard(out) if rt.main else None  # rank 0 only, as write() is
 
     def write(self, record: dict) -> None:
         if not self.main:
@@ -273,7 +339,7 @@ class MetricsLog:
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
         for key, value in record.items():
-            if key != "iteration" and isinstance(value, (int, float)):
+            if self.tb is not None and key != "iteration" and isinstance(value, (int, float)):
                 self.tb.add_scalar(key, value, record["iteration"])
         log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
@@ -283,7 +349,7 @@ class MetricsLog:
 
 
 def _eval_record(summary: dict) -> dict:
-    return {f"val/{k}": v for k, v in summary.items() if k in ("mIoU", "mIoU16", "mIoU13", "mAcc", "aAcc") and v is not None}
+    return {f"val/{k}": v for k, v in summary.items() if k in EVAL_METRICS and v is not None}
 
 
 def _tensorboard(out: Path):

@@ -158,6 +158,7 @@ class DACS:
     def feature_distance(self, features: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """λ · mean L2 distance to the frozen initial backbone's last-level features, on thing-class pixels."""
         fd = self.config.fd
+        assert self.imnet is not None  # built when fd is enabled
         with torch.no_grad():
             imnet_features = self.imnet((images - unwrap(self.model).mean) / unwrap(self.model).std)[-1]
         distance = torch.norm(features.float() - imnet_features.float(), dim=1)

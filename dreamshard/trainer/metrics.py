@@ -9,6 +9,7 @@ truth has no IoU (NaN) and is left out of the means, as mmseg's `nanmean` does. 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
@@ -37,7 +38,7 @@ def summarize(confmat: torch.Tensor, class_names: Sequence[str]) -> dict:
     gt_pixels = confmat.sum(1)
     acc = torch.where(gt_pixels > 0, confmat.diagonal() / gt_pixels.clamp(min=1), torch.full_like(gt_pixels, float("nan")))
     total = confmat.sum()
-    summary = {
+    summary: dict[str, Any] = {
         "mIoU": _nanmean(iou),
         "mAcc": _nanmean(acc),
         "aAcc": float(confmat.diagonal().sum() / total) if total > 0 else None,

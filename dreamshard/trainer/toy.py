@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import colorsys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -82,7 +83,7 @@ def make_toy(
     rng = np.random.default_rng(seed)
     source_colours = np.array(SOURCE_COLOURS, dtype=np.float32)
     target_colours = shifted_colours(SOURCE_COLOURS, hue_shift, value=0.75, saturation=0.7)
-    target_style = {"colours": target_colours, "noise": 14.0, "texture": 18.0}
+    target_style: dict[str, Any] = {"colours": target_colours, "noise": 14.0, "texture": 18.0}
     paths = {"source": out / "source", "target": out / "target", "target_val": out / "target_val"}
 
     for i in range(num_source):
