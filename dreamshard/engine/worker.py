@@ -1,11 +1,11 @@
 """The generation worker: one per GPU (or CPU slot), holding the pipeline, turning whole shards of sample
-specs into committed shards. `run.py` wraps `GenerationWorker` as a Ray actor; it is a plain class, so it
+specs into committed shards. `driver.py` runs `GenerationWorker` as a Ray actor; it is a plain class, so it
 also runs in-process (benchmarks, debugging).
 
 Generation and writing overlap: the caller's thread runs the pipeline batch after batch while a writer
 thread encodes images and appends them to the tar (a bounded queue between them keeps memory flat).
 Shards overlap too: `generate_shard` holds the pipeline only while generating, so on an actor that runs
-two of them at once (run.py queues the next shard on it early) the next shard generates while the
+two of them at once (the driver queues the next shard on it early) the next shard generates while the
 previous one flushes and commits.
 """
 

@@ -151,7 +151,7 @@ class ShardWriter:
 def write_shard(out: str | Path | Store, shard: int, samples: list[ShardSample], image_format: str = "jpg", quality: int = 95) -> dict:
     """Write ONE committed shard (e.g. toy target shards for the trainer); returns its marker. Metadata
     needs `index`; other fields take their defaults. Does not write dreamshard.json, sizes.json or the
-    manifest (see `dreamshard.format.reader.write_dataset`)."""
+    manifest (see `dreamshard.format.rundir.write_dataset`)."""
     store = as_store(out)
     with ShardWriter(store, shard, image_format, quality) as writer:
         for sample in samples:

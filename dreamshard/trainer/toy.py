@@ -4,7 +4,7 @@ Scenes of five classes with the same kinds of layout in both domains — sky abo
 buildings standing on the horizon, cars on the ground, poles — rendered in two appearances:
 - source: clean flat colours, labelled (a generic folder dataset: images/ + labels/);
 - target: the same layouts under a colour shift (hue rotated, darker, less saturated), sensor noise and
-  texture. Target train is unlabelled engine shards (written with the engine's own `write_dataset`, so
+  texture. Target train is unlabelled engine shards (written with the data contract's own `write_dataset`, so
   they are exactly what `dreamshard generate` writes); target val is a labelled folder.
 A model trained on the source alone relies on the source colours and partly fails on the target;
 DACS' mixing, strong augmentation and self-training on the target close much of the gap.
