@@ -142,6 +142,7 @@ def plan(
     out: Optional[str] = typer.Option(None, "--out", help="Output directory or fsspec URL; default: output.path."),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", min=1, help="Samples in the dataset; default: run.num_samples."),
     first: int = typer.Option(10, "-n", "--first", min=0, help="How many of the first prompts to show."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Say how busy this many workers (GPUs) would be."),
 ) -> None:
     """What `generate` would do, without Ray or the model: shards, the first prompts and seeds, counts per
     class / template / style value, estimated bytes, and fresh / resume / extend / refuse for the output."""
@@ -150,7 +151,7 @@ def plan(
     from dreamshard.config import GenerateConfig, load_config
     from dreamshard.engine.dryrun import dry_run
 
-    report = dry_run(load_config(config, GenerateConfig, sets), out, num_samples, first)
+    report = dry_run(load_config(config, GenerateConfig, sets), out, num_samples, first, workers)
     console.print(
         f"{report.out}: {report.samples} samples in {report.shards} shards of {report.samples_per_shard}; "
         f"about {report.estimated_bytes / 2**30:.2f} GiB ({report.bytes_basis})",
@@ -158,6 +159,8 @@ def plan(
         highlight=False,
     )
     console.print(f"generate would: {report.action} — {report.detail}", markup=False, highlight=False)
+    if report.workers:
+        console.print(report.workers, markup=False, highlight=False)
     prompts = Table(title=f"the first {len(report.first)} samples")
     for column in ("index", "seed", "class", "style", "steps", "guidance", "prompt"):
         prompts.add_column(column)

@@ -58,7 +58,12 @@ class ModelConfig(Strict):
     # configs in the HF cache (or the hub, with local_files_only false).
     single_file_config: str | None = None
     scheduler: SchedulerName | None = None  # None keeps the pipeline's own scheduler
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp32 on CPU, fp16 on GPU
+    # auto: fp32 on CPU, fp16 on GPU. SDXL-family VAEs overflow in fp16, so diffusers decodes them in fp32
+    # (force_upcast) on every call: bfloat16 needs no upcast, or give an fp16-safe `vae`.
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # Another VAE (an AutoencoderKL directory or a hub id in the HF cache) in place of the pipeline's own, e.g.
+    # madebyollin/sdxl-vae-fp16-fix: SDXL's decoder without its fp16 overflow. Part of the fingerprint by content.
+    vae: str | None = None
     device: str = "auto"  # auto: cuda if available, else cpu
     # sdpa: PyTorch scaled_dot_product_attention (flash / memory-efficient kernels); eager: the explicit
     # matmul-softmax-matmul attention (slow, for comparison and debugging).
@@ -179,9 +184,26 @@ class OutputConfig(Strict):
     """Where and how shards are written (layout: docs/format.md)."""
 
     path: str = "runs/quickstart"  # local directory or fsspec URL (s3://, gs://); shared by all nodes
-    samples_per_shard: int = Field(1000, ge=1)  # the last shard may be short
+    # Samples per shard (the last may be short). `auto`: chosen from num_samples when the output is new (about
+    # 256 shards, so every GPU of a large cluster has work, at least two full calls per call group and at
+    # most 1000 per shard) and recorded in the run, so a resume or an extension on any cluster keeps it.
+    samples_per_shard: int | Literal["auto"] = "auto"
     image_format: Literal["jpg", "png", "webp"] = "jpg"  # one image field for the whole dataset
     quality: int = Field(95, ge=1, le=100)  # jpg / webp
+
+    @field_validator("samples_per_shard")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("must be a positive number of samples, or auto")
+        return value
+
+    @property
+    def shard_size(self) -> int:
+        """samples_per_shard once resolved (engine/records.py resolves `auto` before any work)."""
+        if self.samples_per_shard == "auto":
+            raise ValueError("output.samples_per_shard is auto: resolve it first (engine.records.resolved_config)")
+        return self.samples_per_shard
 
 
 class RunConfig(Strict):
@@ -194,6 +216,9 @@ class RunConfig(Strict):
     gpus_per_worker: float = Field(1.0, gt=0)  # fractions put several small-model workers on one GPU
     torch_threads: int = Field(1, ge=1)  # per CPU worker
     max_shard_retries: int = Field(3, ge=0)  # re-runs of a shard whose worker died or failed
+    # Once every shard is handed out, idle workers make a backup copy of the slowest shards in flight; the
+    # first copy to finish is committed, the other discarded (a slow GPU or node no longer sets the tail).
+    backups: bool = True
     # Kill and retry a worker that has not finished a shard for this long (a hung GPU); raise it for shards
     # that take longer (1,000 images of a slow model); null: never.
     shard_timeout_s: float | None = Field(3600.0, gt=0)

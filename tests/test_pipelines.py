@@ -172,7 +172,7 @@ def test_two_loras_with_scales_fuse_change_the_images_and_the_fingerprint(tiny_m
     # The fingerprint holds every LoRA by content with its scale.
     identity = model_identity(two)
     assert identity["loras"] == [{"hash": model_fingerprint(a), "scale": 0.5}, {"hash": model_fingerprint(b.parent), "scale": 0.8}]
-    run = GenerateConfig.model_validate({"model": two.model_dump()})
+    run = GenerateConfig.model_validate({"model": two.model_dump(), "output": {"samples_per_shard": 10}})
     plan = build_plan(run.prompts, run.sampling, run.run.seed)
     parts = run_identity(run, plan, identity)
     rescaled = two.model_copy(update={"loras": [LoraConfig(path=str(a), scale=0.5), LoraConfig(path=str(b.parent), scale=0.7)]})

@@ -122,7 +122,7 @@ def test_eta_reaches_ddim_and_is_refused_where_ignored(models):
     pipe = load_pipeline(ModelConfig(path=str(models["sd"]), scheduler="ddim"))
 
     def pixels(**sampler):
-        return [np.asarray(s.image) for s in txt2img(pipe, specs, STAMP, **sampler)]
+        return [np.asarray(s.image) for s in txt2img(pipe, specs, STAMP, **sampler).samples]
 
     default, eta0, eta1 = pixels(), pixels(eta=0.0), pixels(eta=1.0)
     assert all((a == b).all() for a, b in zip(default, eta0))  # eta 0: what the engine always did

@@ -111,16 +111,23 @@ def test_verify_catches_duplicate_and_misplaced_keys(tmp_path):
     assert any("duplicate" in p for p in problems) and any("in order" in p for p in problems)
 
 
-def test_failed_writer_leaves_nothing_and_rewrite_uncommits_first(tmp_path):
+def test_a_failed_rewrite_leaves_the_committed_shard_and_no_partial_files(tmp_path):
     store = Store(tmp_path / "ds")
     write_shard(store.url, 0, samples(3))
     before = committed_shards(store, 3)[0]
     with pytest.raises(ValueError, match="same fields"), ShardWriter(store, 0) as writer:
         for sample in samples(2) + samples(1, seg=True):  # the field set changes mid-shard
             writer.add(sample)
-    # the failed rewrite removed the old marker first and its partial tar: shard 0 no longer exists
-    assert committed_shards(store, 3) == {} and not list((tmp_path / "ds").rglob("*.partial"))
-    assert before["count"] == 3
+    # nothing was published: the shard committed before is untouched, and the scratch files are gone
+    assert committed_shards(store, 3) == {0: before} and not list((tmp_path / "ds").rglob("*.partial"))
+    # a sealed shard is not committed until it is published (its old marker goes first, the new one last)
+    writer = ShardWriter(store, 0)
+    for sample in samples(3):
+        writer.add(sample)
+    sealed = writer.seal({"worker": "w"})
+    assert committed_shards(store, 3) == {0: before} and sealed["count"] == 3 and "committed_at" not in sealed
+    published = writer.publish()
+    assert committed_shards(store, 3) == {0: published} and published["worker"] == "w"
 
 
 def test_writer_reorders_to_the_expected_index_order(tmp_path):

@@ -26,17 +26,17 @@ import io
 import logging
 import math
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from dreamshard.config import ConditionConfig, GenerateConfig, PromptsConfig, SourceConfig
 from dreamshard.datasets.labels import CITYSCAPES_MAP, CLASSES, LABEL_ID_PALETTES, NUM_CLASSES, colourise, parse_palette
 from dreamshard.datasets.sources import LabelledSource, open_source, scan
-from dreamshard.engine.generation import SampleStamp, call_pipeline, seeded_generators
+from dreamshard.engine.generation import Drawn, SampleStamp, render, seeded_generators, to_pil
 from dreamshard.engine.inversion import stochastic_inversion
 from dreamshard.engine.models import denoiser
 from dreamshard.engine.modes import REGISTRY, Mode, conditioned_names, mode_for
@@ -90,7 +90,6 @@ class Conditioner:
             )
         self.fingerprint = _fingerprint(source, condition)
         self._variants: dict[tuple, Any] = {}  # the mode's variant pipelines, built on first use (pipeline_for)
-        self._loaders: ThreadPoolExecutor | None = None  # decodes a batch's source files in parallel (in the worker)
 
     def strength(self, spec: SampleSpec) -> float | None:
         """A prompt-file `strength` column, else the first style value listed in strength_by_style, else
@@ -142,29 +141,25 @@ class Conditioner:
             self._variants[key] = (denoiser(pipe), self.mode.variant(pipe, strength, inverting))
         return self._variants[key][1] or pipe
 
-    def generate(self, pipe, specs: list[SampleSpec], stamp: SampleStamp, **sampler) -> list[ShardSample]:
-        """The worker's per-mode function: specs sharing (steps, guidance, size) → samples with `seg.png`.
-        Specs with different strengths go to separate pipeline calls; each sample's noise comes from its
-        own CPU generator seeded from the plan, as in txt2img (with stochastic inversion, the inversion
-        draws from it first). `sampler`: pipeline arguments from sampling (eta)."""
-        by_strength: dict[float | None, list[SampleSpec]] = {}
-        for spec in specs:
-            by_strength.setdefault(self.strength(spec), []).append(spec)
-        done: dict[int, ShardSample] = {}
-        if self._loaders is None:
-            # PIL releases the GIL while decoding: a batch of full-size source images loads in about the time of one
-            self._loaders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="source-loader")
-        for group in by_strength.values():
-            samples = list(self._loaders.map(self.prepare, group))
-            filled = [sample.spec for sample in samples]
-            images = self.call(pipe, samples, filled, **sampler)
-            for spec, sample, image in zip(filled, samples, images):
-                image, seg = self.finish(image, sample)
-                done[spec.index] = ShardSample(metadata=stamp(spec, source_key=sample.key), image=image, files={LABEL_FIELD: seg})
-        return [done[spec.index] for spec in specs]
+    def key(self, spec: SampleSpec) -> tuple:
+        """What samples must share, beyond steps, size and guidance, to go into one call: the strength."""
+        return (self.strength(spec),)
 
-    def call(self, pipe, samples: Sequence[SourceSample], specs: list[SampleSpec], **sampler):
-        """One pipeline call over samples sharing a strength; returns the PIL images."""
+    def generate(self, pipe, specs: list[SampleSpec], prepared: list[SourceSample], stamp: SampleStamp, **sampler) -> Drawn:
+        """The draw loop's call (drawing.BatchMaker): `specs` (sharing steps, size, guidance use and strength,
+        each with the seed of its draw) from their prepared sources → samples with `seg.png`, finished (resized
+        to the label's size, encoded) on the writer thread. Each sample's noise comes from its own CPU
+        generator, as in txt2img (with stochastic inversion, the inversion draws from it first)."""
+        filled = [replace(source.spec, seed=spec.seed) for spec, source in zip(specs, prepared)]  # {classes} filled in
+        pixels = self.call(pipe, prepared, filled, **sampler)
+        samples = [
+            ShardSample(metadata=stamp(spec, source_key=source.key), image=image, files={LABEL_FIELD: source.train_ids}, finish=finish_label)
+            for spec, source, image in zip(filled, prepared, to_pil(pixels))
+        ]
+        return Drawn(samples, pixels)
+
+    def call(self, pipe, samples: Sequence[SourceSample], specs: list[SampleSpec], **sampler) -> torch.Tensor:
+        """One pipeline call over samples sharing a strength; returns their uint8 pixels on the device."""
         pipe = self.pipeline_for(pipe, samples)
         generators = seeded_generators(specs)
         kwargs = self.pipeline_kwargs(samples)
@@ -174,15 +169,17 @@ class Conditioner:
                 pipe, kwargs["image"], [spec.prompt for spec in specs], generators, specs[0].steps, samples[0].strength,
                 control=control, controlnet_scale=self.condition.controlnet_scale,
             )  # fmt: skip
-        return call_pipeline(pipe, specs, generators=generators, **kwargs, **sampler)
+        return render(pipe, specs, generators=generators, **kwargs, **sampler)
 
-    @staticmethod
-    def finish(image: Image.Image, sample: SourceSample) -> tuple[Image.Image, bytes]:
-        """(the generated image at the label's size, seg.png bytes)."""
-        height, width = sample.train_ids.shape
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.Resampling.LANCZOS)
-        return image, seg_png(sample.train_ids)
+
+def finish_label(sample: ShardSample) -> None:
+    """On the writer thread: the generated image resized (Lanczos) to its source label's size, the label
+    (train ids) encoded as seg.png."""
+    train_ids = sample.files[LABEL_FIELD]
+    height, width = train_ids.shape
+    if sample.image.size != (width, height):
+        sample.image = sample.image.resize((width, height), Image.Resampling.LANCZOS)
+    sample.files[LABEL_FIELD] = seg_png(train_ids)
 
 
 def conditioner_for(config: GenerateConfig) -> Conditioner | None:

@@ -6,9 +6,17 @@ retries per shard), kills a worker stuck on one shard, stops when no worker can 
 gone, and reports what happened (`DriverReport`). It only ever waits with a timeout, so a dead actor cannot
 hang it.
 
-A worker actor provides `ready() -> dict` (raises its load error), `progress() -> (shard, images)` and
-`generate_shard(shard, *task(shard)) -> marker` (a dict with the committed `count`); `engine/worker.py` is
-the generation worker, and tests drive this module with a trivial one.
+Stragglers: once the queue is empty, an idle worker takes a backup copy of the slowest shard in flight (at
+most one per shard). A backup is sealed but not published; when it is done, the driver asks the original
+copy to abort, which it can while it has not begun to publish: then the backup is published, else discarded.
+When the original commits first, the backup is aborted. So every shard is committed once, whichever copy
+finishes first.
+
+A worker actor provides `ready() -> dict` (raises its load error), `progress() -> (shard, images)`,
+`generate_shard(shard, *task(shard), attempt=, backup=) -> marker` (a dict with the committed `count`; a
+backup returns {"sealed": True, ...}, an aborted copy {"aborted": True}), `abort(shard, attempt) -> bool`,
+`publish_backup(shard, attempt) -> marker` and `discard_backup(shard, attempt)`; `engine/worker.py` is the
+generation worker, and tests drive this module with a trivial one.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ PROGRESS_SECONDS = 0.5  # how often busy workers are asked how far they are in t
 # soon as the previous one releases the pipeline (worker.py), while that one still commits.
 SHARDS_IN_FLIGHT = 2
 ACTOR_PREFIX = "dreamshard-worker-"
+ABORT_TIMEOUT_S = 30.0  # an original copy that does not answer an abort for this long is killed (its backup wins)
+WORKER_CONCURRENCY = SHARDS_IN_FLIGHT + 4  # actor threads: shards in flight, a backup's publish, progress, abort
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,7 @@ class Schedule:
     max_retries: int = 3  # re-runs of a shard whose worker died or whose task failed
     shard_timeout_s: float | None = None  # kill a worker that has not finished a shard for this long
     worker_start_timeout_s: float = 0.0  # stop when no worker has been ready for this long (0: wait forever)
+    backups: bool = True  # idle workers copy the slowest shards in flight once the queue is empty
 
 
 @dataclass
@@ -68,6 +79,7 @@ class WorkerFacts:
     ready_at: float | None = None
     shards: int = 0
     images: int = 0
+    generation: dict[str, float] = field(default_factory=dict)  # its committed shards' call statistics, summed
 
 
 @dataclass
@@ -83,6 +95,18 @@ class DriverReport:
     generation_seconds: float = 0.0  # first worker ready -> end
     steady_images_per_s: float = 0.0  # images/s once every worker of the first wave was ready
     ended: float | None = None  # perf_counter at the end
+    backups: int = 0  # backup copies started
+    backups_won: int = 0  # shards committed by their backup copy
+    busy: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, workers with work) at each change
+    busy_worker_s: float = 0.0  # the time ready workers had work, summed over workers
+    ready_worker_s: float = 0.0  # the time workers were ready, summed over workers
+
+
+@dataclass(frozen=True)
+class _Task:
+    shard: int
+    attempt: int  # a token naming this copy of the shard (abort, publish_backup)
+    kind: str  # make (commits itself) / backup (sealed, waits) / publish (a backup's commit)
 
 
 @dataclass
@@ -90,7 +114,7 @@ class _Worker:
     actor: Any
     facts: WorkerFacts
     start_ref: Any = None  # pending until the worker is ready
-    tasks: dict[Any, int] = field(default_factory=dict)  # in-flight generate_shard ref -> shard, in dispatch order
+    tasks: dict[Any, _Task] = field(default_factory=dict)  # in-flight task ref -> task, in dispatch order
     busy_since: float = 0.0  # since when it has had work without finishing a shard (shard_timeout_s)
     progress_ref: Any = None
     progress_asked: float = 0.0
@@ -99,9 +123,9 @@ class _Worker:
 
     @property
     def images(self) -> int:
-        """Images generated in its in-flight shards and not committed yet."""
+        """Images generated in its in-flight shards and not committed yet (backup copies not counted)."""
         shard, images = self.progress
-        return images if shard in self.tasks.values() else 0
+        return images if any(task.shard == shard and task.kind == "make" for task in self.tasks.values()) else 0
 
 
 class Driver:
@@ -129,6 +153,9 @@ class Driver:
         self._watchdog: ClusterWatchdog | None = None
         self._names, self._run_id = 0, uuid.uuid4().hex[:8]
         self._restarts_left = schedule.workers.size * (schedule.max_retries + 1)
+        self._tokens = 0  # attempt tokens handed out
+        self._backed_up: set[int] = set()  # shards given a backup copy
+        self._last_tick: float | None = None
 
     # ---------------------------------------------------------------------------------------------- run
 
@@ -148,6 +175,7 @@ class Driver:
                 self._check_timeouts()
                 self._check_workers_and_cluster()
                 self._poll_progress()
+                self._count_busy()
                 if self.tick is not None:
                     self.tick(self)
         finally:
@@ -207,12 +235,12 @@ class Driver:
         self.ray.kill(worker.actor, no_restart=True)
         log.warning("worker %s died (%s)", worker.facts.name, reason)
         tasks, worker.tasks = worker.tasks, {}  # its other refs in this round of events are ignored
-        for ref, shard in reversed(tasks.items()):  # re-queued at the front in dispatch order
-            marker = self._result_if_done(ref)
-            if marker is None:
-                self._shard_failed(shard, f"worker died: {reason}")
+        for ref, task in reversed(tasks.items()):  # re-queued at the front in dispatch order
+            result = self._result_if_done(ref)
+            if result is None or result.get("aborted") or result.get("sealed"):  # a sealed backup dies with its worker
+                self._copy_failed(task, f"worker died: {reason}")
             else:
-                self._accept(shard, marker, worker)
+                self._accept(task.shard, result, worker)
         if self.queue:
             self._replace()
 
@@ -229,10 +257,42 @@ class Driver:
         for worker in self.workers:
             while worker.start_ref is None and self.queue and self._takes_another(worker):
                 shard = self.queue.popleft()
-                if not worker.tasks:
-                    worker.busy_since = time.perf_counter()
-                worker.tasks[worker.actor.generate_shard.remote(shard, *self.schedule.task(shard))] = shard
                 self.attempts[shard] = self.attempts.get(shard, 0) + 1
+                self._send(worker, shard, "make")
+        if self.schedule.backups and not self.queue:
+            for worker in self.workers:
+                if worker.start_ref is None and not worker.tasks:
+                    straggler = self._slowest(worker)
+                    if straggler is None:
+                        break
+                    self._backed_up.add(straggler)
+                    self.report.backups += 1
+                    log.info("shard %d: a backup copy on worker %s (the queue is empty)", straggler, worker.facts.name)
+                    self._send(worker, straggler, "backup")
+
+    def _send(self, worker: _Worker, shard: int, kind: str) -> None:
+        if not worker.tasks:
+            worker.busy_since = time.perf_counter()
+        self._tokens += 1
+        ref = worker.actor.generate_shard.remote(shard, *self.schedule.task(shard), attempt=self._tokens, backup=kind == "backup")
+        worker.tasks[ref] = _Task(shard, self._tokens, kind)
+
+    def _copies(self, shard: int) -> list[tuple[_Worker, _Task]]:
+        """The live copies of a shard being made (originals and backups), with their workers."""
+        return [(worker, task) for worker in self.workers for task in worker.tasks.values() if task.shard == shard and task.kind != "publish"]
+
+    def _slowest(self, idle: _Worker) -> int | None:
+        """The shard in flight on another worker, not backed up yet, that is least far along (a queued one
+        before a started one; then the earliest sent)."""
+        candidates = []
+        for worker in self.workers:
+            for order, task in enumerate(worker.tasks.values()):
+                if worker is idle or task.kind != "make" or task.shard in self._backed_up or task.shard in self.report.committed:
+                    continue
+                shard, images = worker.progress
+                done = images / max(self.schedule.counts[task.shard], 1) if shard == task.shard else 0.0
+                candidates.append((done, -order, task.attempt, task.shard))
+        return min(candidates)[3] if candidates else None
 
     def _takes_another(self, worker: _Worker) -> bool:
         """An idle worker takes any shard. A busy one takes a second only while there are enough for every
@@ -240,8 +300,15 @@ class Driver:
         retry: a shard that kills its worker takes a healthy one down with it at most once."""
         if not worker.tasks:
             return True
-        first_attempts = self.attempts.get(self.queue[0], 0) == 0 and all(self.attempts[s] == 1 for s in worker.tasks.values())
+        first_attempts = self.attempts.get(self.queue[0], 0) == 0 and all(self.attempts[task.shard] == 1 for task in worker.tasks.values())
         return len(worker.tasks) < SHARDS_IN_FLIGHT and len(self.queue) >= len(self.workers) and first_attempts
+
+    def _copy_failed(self, task: _Task, reason: str) -> None:
+        """One copy of a shard failed: the shard is retried unless another copy of it is still being made."""
+        if task.shard in self.report.committed or self._copies(task.shard):
+            log.warning("shard %d: a copy failed (%s); the other copy goes on", task.shard, reason)
+            return
+        self._shard_failed(task.shard, reason)
 
     def _shard_failed(self, shard: int, reason: str) -> None:
         if self.attempts[shard] <= self.schedule.max_retries:
@@ -257,6 +324,11 @@ class Driver:
             self.report.failed[self.queue.popleft()] = reason
 
     def _accept(self, shard: int, marker: dict, worker: _Worker) -> None:
+        if shard in self.report.committed:  # never: only one copy is published (see the module docstring)
+            log.error("shard %d committed twice (the second by %s); keeping the first record", shard, worker.facts.name)
+            return
+        for other, task in self._copies(shard):  # the other copy stops early (or, sealed, is discarded)
+            other.actor.abort.remote(shard, task.attempt)
         expected = self.schedule.counts[shard]
         if marker.get("count") != expected:
             self._shard_failed(shard, f"committed {marker.get('count')} samples, expected {expected}")
@@ -266,6 +338,8 @@ class Driver:
         report.images_committed += marker["count"]
         worker.facts.images += marker["count"]
         worker.facts.shards += 1
+        for name, value in (marker.get("generation") or {}).items():
+            worker.facts.generation[name] = worker.facts.generation.get(name, 0) + value
         self._saw_image()
         if self.on_commit is not None:
             self.on_commit(shard, marker)
@@ -338,7 +412,7 @@ class Driver:
         from ray.exceptions import RayActorError
 
         try:
-            marker = self.ray.get(ref)
+            result = self.ray.get(ref)
         except RayActorError as exc:
             timeout = f"timed out after run.shard_timeout_s={self.schedule.shard_timeout_s:g} s on one shard" if worker.timed_out else None
             self._lose(worker, timeout or death_reason(exc))
@@ -346,13 +420,43 @@ class Driver:
         except UserError as exc:  # full disk, unwritable output: stop, the user must act
             raise _as_user_error(exc) from None
         except Exception as exc:
-            self._shard_failed(self._take_finished(worker, ref), one_line(getattr(exc, "cause", exc)))
+            self._copy_failed(self._take_finished(worker, ref), one_line(getattr(exc, "cause", exc)))
             return
-        self._accept(self._take_finished(worker, ref), marker, worker)
+        task = self._take_finished(worker, ref)
+        if result.get("aborted"):
+            return  # the other copy of this shard is the one committed
+        if result.get("sealed"):
+            self._decide_backup(worker, task)
+            return
+        self._accept(task.shard, result, worker)
+        if task.kind == "publish":
+            self.report.backups_won += 1
+
+    def _decide_backup(self, worker: _Worker, task: _Task) -> None:
+        """A backup copy is sealed: publish it if the original can still be stopped, else discard it."""
+        if task.shard in self.report.committed or not all(self._aborted(other, original) for other, original in self._copies(task.shard)):
+            worker.actor.discard_backup.remote(task.shard, task.attempt)
+            return
+        worker.tasks[worker.actor.publish_backup.remote(task.shard, task.attempt)] = _Task(task.shard, task.attempt, "publish")
+        log.info("shard %d: its backup copy on %s finished first and is committed", task.shard, worker.facts.name)
+
+    def _aborted(self, worker: _Worker, task: _Task) -> bool:
+        """Ask a copy to abort: True once it will never publish (it stopped, or its worker is gone or killed
+        for not answering), False when it has begun to publish."""
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        try:
+            return bool(self.ray.get(worker.actor.abort.remote(task.shard, task.attempt), timeout=ABORT_TIMEOUT_S))
+        except RayActorError:
+            return True
+        except GetTimeoutError:
+            log.warning("worker %s did not answer an abort in %.0f s; killing it", worker.facts.name, ABORT_TIMEOUT_S)
+            self.ray.kill(worker.actor, no_restart=True)
+            return True
 
     @staticmethod
-    def _take_finished(worker: _Worker, ref) -> int:
-        """Take a finished shard off its worker (which is making progress again); returns the shard."""
+    def _take_finished(worker: _Worker, ref) -> _Task:
+        """Take a finished task off its worker (which is making progress again)."""
         worker.busy_since = time.perf_counter()
         return worker.tasks.pop(ref)
 
@@ -371,6 +475,18 @@ class Driver:
                         self._saw_image()
             elif worker.tasks and now - worker.progress_asked > PROGRESS_SECONDS:
                 worker.progress_ref, worker.progress_asked = worker.actor.progress.remote(), now
+
+    def _count_busy(self) -> None:
+        """How many ready workers have work, over time (stats.jsonl: the workers' busy fraction)."""
+        now = time.perf_counter()
+        ready = [worker for worker in self.workers if worker.start_ref is None]
+        busy = sum(1 for worker in ready if worker.tasks)
+        if self._last_tick is not None:
+            self.report.busy_worker_s += busy * (now - self._last_tick)
+            self.report.ready_worker_s += len(ready) * (now - self._last_tick)
+        self._last_tick = now
+        if not self.report.busy or self.report.busy[-1][1] != busy:
+            self.report.busy.append((round(now - self.started, 3), busy))
 
     def _saw_image(self) -> None:
         if self.report.first_image_seconds is None:

@@ -41,9 +41,23 @@ class PlanReport:
     first: list[dict] = field(default_factory=list)  # index, seed, class, style, prompt
     counts: dict[str, Counter] = field(default_factory=dict)
     counted: int = 0
+    workers: str = ""  # with --workers: how busy they would be
 
 
-def dry_run(config: GenerateConfig, out: str | None = None, num_samples: int | None = None, first: int = 10) -> PlanReport:
+def worker_load(shards_to_make: int, workers: int) -> str:
+    """What `workers` workers would do with the shards still to make (whole shards, one at a time each)."""
+    if shards_to_make == 0:
+        return f"with {workers} workers: nothing to make"
+    rounds, last = -(-shards_to_make // workers), shards_to_make % workers or workers
+    if shards_to_make < workers:
+        return f"with {workers} workers: only {shards_to_make} have a shard to make, {workers - shards_to_make} take backup copies (lower output.samples_per_shard, or auto)"
+    return (
+        f"with {workers} workers: every worker has work ({shards_to_make} shards in {rounds} round(s); the last round keeps {last} of "
+        f"{workers} busy and the idle ones take backup copies of the slowest shards)"
+    )
+
+
+def dry_run(config: GenerateConfig, out: str | None = None, num_samples: int | None = None, first: int = 10, workers: int | None = None) -> PlanReport:
     config = resolved_config(config, out, num_samples)
     plan = build_plan(config.prompts, config.sampling, config.run.seed)
     check_settings(config)
@@ -65,9 +79,11 @@ def dry_run(config: GenerateConfig, out: str | None = None, num_samples: int | N
     action, detail, committed = _what_generate_would_do(config, plan, store, counts)
     estimate, basis = _estimate_bytes(config, committed)
     detail += source_note
+    to_make = 0 if action == "refuse" else sum(1 for shard, count in enumerate(counts) if committed.get(shard, {}).get("count") != count)
     return PlanReport(
-        out=config.output.path, samples=config.run.num_samples, shards=len(counts), samples_per_shard=config.output.samples_per_shard,
+        out=config.output.path, samples=config.run.num_samples, shards=len(counts), samples_per_shard=config.output.shard_size,
         action=action, detail=detail, estimated_bytes=estimate, bytes_basis=basis, first=shown, counts=tallies, counted=counted,
+        workers=worker_load(to_make, workers) if workers else "",
     )  # fmt: skip
 
 
@@ -104,7 +120,7 @@ def _what_generate_would_do(config: GenerateConfig, plan, store: Store, counts: 
         parts.pop("quality")
         notes += f"; the quality part was not checked (no {clip_model} here)"
     # The source of a conditioned mode is not compared here (its pre-scan is left to generate).
-    state = rundir.classify(Identity(parts), counts, config.output.samples_per_shard)
+    state = rundir.classify(Identity(parts), counts, config.output.shard_size)
     if state.action == "refuse":
         return "refuse", state.reason, state.committed
     return state.action, state.reason + notes, state.committed

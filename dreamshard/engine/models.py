@@ -64,6 +64,8 @@ def load_pipeline(model: ModelConfig, mode: str = "txt2img", device: str | None 
     base_path, _ = resolve_model_path(model)
 
     pipe = load_base_pipeline(base_path, model, dtype, depth=generation_mode.loads_depth)
+    if model.vae:
+        pipe.register_modules(vae=load_vae(model, dtype))
     apply_loras(pipe, lora_list(model))
     if model.scheduler:
         pipe.scheduler = make_scheduler(model.scheduler, pipe.scheduler.config)
@@ -84,7 +86,8 @@ def denoiser(pipe):
 def apply_speed_options(pipe, run: RunConfig) -> None:
     """channels_last, VAE slicing / tiling and torch.compile, in place: modules are shared with the pipelines
     built from this one (from_pipe), so those get them too."""
-    networks = [module for module in (denoiser(pipe), pipe.vae, getattr(pipe, "controlnet", None)) if module is not None]
+    controlnet = getattr(pipe, "controlnet", None)
+    networks = [module for module in (denoiser(pipe), pipe.vae, controlnet) if module is not None]
     if run.channels_last:
         for module in networks:
             module.to(memory_format=torch.channels_last)
@@ -97,6 +100,8 @@ def apply_speed_options(pipe, run: RunConfig) -> None:
         # first call of each new input shape compiles, later shapes of the same rank reuse a dynamic graph.
         denoiser(pipe).compile()
         pipe.vae.decoder.compile()
+        if controlnet is not None:
+            controlnet.compile()
 
 
 def resolve_model_path(model: ModelConfig) -> tuple[str, str | None]:
@@ -199,7 +204,7 @@ def model_identity(model: ModelConfig) -> dict:
     base, _ = resolve_model_path(model)
     base_hash, revision = _content_hash(base, model.revision, model.local_files_only)
     config = model.single_file_config if model.single_file else None
-    return {
+    identity = {
         "id": model.path,
         "hash": base_hash,
         "revision": revision,
@@ -208,6 +213,9 @@ def model_identity(model: ModelConfig) -> dict:
         "loras": [{"hash": model_fingerprint(path), "scale": scale} for path, scale in lora_list(model)],
         "controlnet": _content_hash(model.controlnet, None, model.local_files_only)[0] if model.controlnet else None,
     }
+    if model.vae:  # only when set, so the fingerprints of runs made before the option stay valid
+        identity["vae"] = _content_hash(model.vae, None, model.local_files_only)[0]
+    return identity
 
 
 def _content_hash(path_or_id: str, revision: str | None, local_files_only: bool) -> tuple[str, str | None]:
@@ -410,6 +418,19 @@ def _set_attention(pipe, attention: str) -> None:
     for module in (getattr(pipe, "unet", None), pipe.vae):
         if module is not None:
             module.set_attn_processor(processor)
+
+
+def load_vae(model: ModelConfig, dtype: torch.dtype):
+    """model.vae: an AutoencoderKL (directory or hub id in the cache) in place of the pipeline's own."""
+    from diffusers import AutoencoderKL
+
+    assert model.vae is not None
+    if _looks_local(model.vae) and not Path(model.vae).expanduser().exists():
+        raise UserError(f"model.vae {model.vae} not found; give an AutoencoderKL directory or a hub id in the Hugging Face cache")
+    try:
+        return AutoencoderKL.from_pretrained(model.vae, dtype=dtype, local_files_only=model.local_files_only)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model.vae {model.vae!r}: {one_line(exc)}") from None
 
 
 def load_controlnet(model: ModelConfig, dtype: torch.dtype):

@@ -1,7 +1,8 @@
 """Quality of what is generated: the scores every sample carries and the filter that redraws rejected ones.
 
-Each image is judged alone (one forward pass per image, so its verdict depends on its own pixels and prompt,
-never on its batch neighbours):
+Every image of a pipeline call is judged in one batched forward per model, on the pipeline's device (in half
+precision on a GPU), from its uint8 pixels: the CLIP preprocessing (resize of the short side, centre crop,
+normalisation) runs there too, with torch's antialiased bicubic resize where CLIPImageProcessor uses PIL's.
 - `nsfw`: the pipeline's own safety checker (model.safety_checker), run here rather than inside the pipeline,
   so its verdict is recorded instead of dropped. A flagged image that is kept becomes a black frame, as the
   pipeline would make it; with quality.reject_nsfw it is redrawn instead.
@@ -9,21 +10,21 @@ never on its batch neighbours):
   to 4 decimals; the threshold compares the recorded value. This is torchmetrics' CLIPScore without its clamp
   at 0 (a clamp would hide how far below zero a mismatched image lies; above 0 they are the same number).
 - blank: a near-constant image (pixel standard deviation below BLANK_STD of 255), judged before any black-out.
+A verdict depends on the image's pixels and its prompt; like the images themselves, it can differ by float
+rounding between batches of other compositions (a re-run makes the same batches: drawing.py).
 
 Redraws: attempt k of a sample whose plan seed is s draws with `attempt_seed(s, k)` (k = 1: s itself), so the
-images a sample tries depend on its plan seed and the attempt number only, never on batching, workers or
-other samples; the dataset stays exactly num_samples long and prefix-stable. After max_attempts draws the
-best one is kept (accepted > not flagged > not blank > higher CLIP score, ties to the earliest draw) and
-counted as exhausted. The json `seed` is the seed of the draw that was kept; `attempts` is how many draws
-the sample took.
+images a sample tries depend on its plan seed and the attempt number only; engine/drawing.py pools the
+redraws of a shard into full calls. The dataset stays exactly num_samples long and prefix-stable. After
+max_attempts draws the best one is kept (accepted > not flagged > not blank > higher CLIP score, ties to the
+earliest draw) and counted as exhausted. The json `seed` is the seed of the draw that was kept; `attempts`
+is how many draws the sample took.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +33,7 @@ from PIL import Image
 
 from dreamshard.config import GenerateConfig
 from dreamshard.engine.models import load_safety_checker, model_fingerprint
-from dreamshard.engine.plan import SampleSpec
 from dreamshard.errors import UserError, one_line
-from dreamshard.format.shards import ShardSample
 
 REDRAW_VERSION = 1  # in the dataset fingerprint: bump when attempt_seed or the keep rule changes
 BLANK_STD = 2.0  # pixel standard deviation (0-255) below which an image counts as blank
@@ -93,57 +92,115 @@ class Verdict:
 
 
 class ClipScorer:
-    """100 x cosine(image, prompt) with a local CLIPModel; prompt embeddings are cached."""
+    """100 x cosine(image, prompt) with a local CLIPModel, in batches on its device; prompt embeddings are
+    cached."""
 
-    def __init__(self, path: str, device: torch.device) -> None:
+    def __init__(self, path: str, device: torch.device | str) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
         check_clip_model(path)
+        self.device = torch.device(device)
+        self.dtype = half_precision(self.device)
         try:
-            self.model = CLIPModel.from_pretrained(path, local_files_only=True, dtype=torch.float32).to(device).eval()
+            self.model = CLIPModel.from_pretrained(path, local_files_only=True, dtype=self.dtype).to(self.device).eval()
             self.processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot load quality.clip_model {path}: {one_line(exc)}") from None
-        self.device = device
+        self.inputs = ClipInputs.of(self.processor.image_processor)
         self._texts: dict[str, torch.Tensor] = {}
 
-    @torch.no_grad()
     def score(self, image: Image.Image, prompt: str) -> float:
-        pixels = self.processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"].to(self.device)
-        image_embedding = self.model.get_image_features(pixel_values=pixels).pooler_output[0]
-        cosine = torch.nn.functional.cosine_similarity(image_embedding, self._text(prompt), dim=0)
-        return round(100.0 * float(cosine), 4)
+        return self.scores(pixels_of(image, self.device), [prompt])[0]
 
-    def _text(self, prompt: str) -> torch.Tensor:
-        if prompt not in self._texts:
-            if len(self._texts) >= 4096:
+    @torch.no_grad()
+    def scores(self, pixels: torch.Tensor, prompts: list[str]) -> list[float]:
+        """Scores of uint8 (batch, H, W, 3) images against their prompts, one forward each way."""
+        images = self.model.get_image_features(pixel_values=self.inputs(pixels.to(self.device), self.dtype)).pooler_output
+        texts = self._text_embeddings(prompts)
+        cosines = torch.nn.functional.cosine_similarity(images.float(), texts.float(), dim=1)
+        return [round(100.0 * value, 4) for value in cosines.tolist()]
+
+    def _text_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(prompt for prompt in prompts if prompt not in self._texts))
+        if missing:
+            if len(self._texts) + len(missing) > 4096:
                 self._texts.clear()
-            tokens = self.processor(text=[prompt], return_tensors="pt", padding=True, truncation=True, max_length=77)
+            tokens = self.processor(text=missing, return_tensors="pt", padding=True, truncation=True, max_length=77)
             tokens = {name: value.to(self.device) for name, value in tokens.items()}
-            self._texts[prompt] = self.model.get_text_features(**tokens).pooler_output[0]
-        return self._texts[prompt]
+            embeddings = self.model.get_text_features(**tokens).pooler_output
+            self._texts.update(zip(missing, embeddings))
+        return torch.stack([self._texts[prompt] for prompt in prompts])
+
+
+@dataclass(frozen=True)
+class ClipInputs:
+    """A CLIP image processor's preprocessing, in torch on the images' device: resize the short side
+    (antialiased bicubic), centre crop, rescale to [0, 1], normalise."""
+
+    short_side: int
+    crop: tuple[int, int]  # (height, width)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, processor) -> ClipInputs:
+        size = processor.size.get("shortest_edge") or min(processor.size.get("height", 224), processor.size.get("width", 224))
+        crop = processor.crop_size
+        return cls(int(size), (int(crop["height"]), int(crop["width"])), tuple(processor.image_mean), tuple(processor.image_std))
+
+    def __call__(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        images = pixels.permute(0, 3, 1, 2).float() / 255
+        height, width = images.shape[-2:]
+        scale = self.short_side / min(height, width)
+        size = (max(self.crop[0], round(height * scale)), max(self.crop[1], round(width * scale)))
+        images = torch.nn.functional.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        top, left = (size[0] - self.crop[0]) // 2, (size[1] - self.crop[1]) // 2
+        images = images[..., top : top + self.crop[0], left : left + self.crop[1]]
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return ((images - mean) / std).to(dtype)
+
+
+def half_precision(device: torch.device) -> torch.dtype:
+    """The scorers' dtype: float16 on a GPU, float32 elsewhere (CPUs have no fast half matmuls)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def pixels_of(image: Image.Image, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A PIL image as uint8 (1, H, W, 3) pixels."""
+    return torch.from_numpy(np.asarray(image.convert("RGB")).copy())[None].to(device)
 
 
 class QualityJudge:
     """Loaded once per worker: the safety checker and the CLIP scorer that the config asks for."""
 
-    def __init__(self, config: GenerateConfig, device: torch.device) -> None:
+    def __init__(self, config: GenerateConfig, device: torch.device | str) -> None:
         self.settings = config.quality
         self.max_attempts = config.quality.max_attempts if filtering(config) else 1
-        self.clip = ClipScorer(config.quality.clip_model, device) if config.quality.clip_model else None
-        self.checker = load_safety_checker(config.model, device, torch.float32) if config.model.safety_checker else None
-        self.device = device
+        self.device = torch.device(device)
+        self.clip = ClipScorer(config.quality.clip_model, self.device) if config.quality.clip_model else None
+        self.checker = None
+        if config.model.safety_checker:
+            checker, processor = load_safety_checker(config.model, self.device, half_precision(self.device))
+            self.checker = (checker, ClipInputs.of(processor))
 
     @staticmethod
     def wanted(config: GenerateConfig) -> bool:
         return bool(config.quality.clip_model or config.model.safety_checker or filtering(config))
 
     def judge(self, image: Image.Image, prompt: str) -> Verdict:
-        quality = self.settings
-        nsfw = self._nsfw(image) if self.checker is not None else None
-        score = self.clip.score(image, prompt) if self.clip is not None else None
-        blank = is_blank(image)
-        reasons = []
+        return self.judge_batch(pixels_of(image, self.device), [prompt])[0]
+
+    def judge_batch(self, pixels: torch.Tensor, prompts: list[str]) -> list[Verdict]:
+        """Verdicts on uint8 (batch, H, W, 3) images and the prompts they were made from."""
+        pixels = pixels.to(self.device)
+        nsfw = self._nsfw(pixels) if self.checker is not None else [None] * len(prompts)
+        scores = self.clip.scores(pixels, prompts) if self.clip is not None else [None] * len(prompts)
+        blank = (pixels.float().flatten(1).std(dim=1, correction=0) < BLANK_STD).tolist()
+        return [self._verdict(flagged, score, is_blank) for flagged, score, is_blank in zip(nsfw, scores, blank)]
+
+    def _verdict(self, nsfw: bool | None, score: float | None, blank: bool) -> Verdict:
+        quality, reasons = self.settings, []
         if quality.min_clip_score is not None and score is not None and score < quality.min_clip_score:
             reasons.append("clip_score")
         if quality.reject_nsfw and nsfw:
@@ -153,53 +210,13 @@ class QualityJudge:
         return Verdict(nsfw, score, blank, tuple(reasons))
 
     @torch.no_grad()
-    def _nsfw(self, image: Image.Image) -> bool:
+    def _nsfw(self, pixels: torch.Tensor) -> list[bool]:
         assert self.checker is not None  # called only with a checker
-        checker, processor = self.checker
-        rgb = image.convert("RGB")
-        clip_input = processor(images=[rgb], return_tensors="pt")["pixel_values"].to(self.device)
-        pixels = np.asarray(rgb, dtype=np.float32)[None] / 255.0  # what the checker blanks; we only read the verdict
-        _, flagged = checker(images=pixels, clip_input=clip_input)
-        return bool(flagged[0])
+        checker, inputs = self.checker
+        placeholder = torch.zeros(len(pixels), 1)  # what the checker blanks; only its verdict is read
+        _, flagged = checker(images=placeholder, clip_input=inputs(pixels, checker.dtype))
+        return [bool(value) for value in flagged]
 
 
 def is_blank(image: Image.Image) -> bool:
     return float(np.asarray(image.convert("RGB"), dtype=np.float32).std()) < BLANK_STD
-
-
-def draw_judged(
-    generate: Callable[..., list[ShardSample]], pipe, specs: list[SampleSpec], stamp, judge: QualityJudge, **sampler
-) -> tuple[list[ShardSample], Counter]:
-    """Generate `specs` (one batch; `sampler`: the mode function's sampling arguments), judge every image,
-    redraw the rejected ones together (attempt after attempt) and return the kept samples in spec order with
-    their quality fields, plus the shard tallies (`draws`, each rejection reason, `exhausted`). The CLIP score
-    compares the image with the prompt it was made from (a `{classes}` template filled in)."""
-    kept: dict[int, tuple[ShardSample, Verdict]] = {}
-    attempts: dict[int, int] = {}
-    tally: Counter = Counter()
-    todo = list(specs)
-    for attempt in range(1, judge.max_attempts + 1):
-        drawn = [replace(spec, seed=attempt_seed(spec.seed, attempt)) for spec in todo]
-        samples = generate(pipe, drawn, stamp, **sampler)
-        tally["draws"] += len(samples)
-        retry = []
-        for spec, sample in zip(todo, samples):
-            verdict = judge.judge(sample.image, sample.metadata.get("prompt", spec.prompt))
-            attempts[spec.index] = attempt
-            if spec.index not in kept or verdict.rank() > kept[spec.index][1].rank():
-                kept[spec.index] = (sample, verdict)
-            if verdict.reasons:
-                tally.update(verdict.reasons)
-                retry.append(spec)
-        todo = retry
-        if not todo:
-            break
-    tally["exhausted"] += len(todo)
-    results = []
-    for spec in specs:
-        sample, verdict = kept[spec.index]
-        sample.metadata.update(nsfw=verdict.nsfw, clip_score=verdict.clip_score, attempts=attempts[spec.index])
-        if verdict.nsfw:  # kept although flagged (reject_nsfw off, or exhausted): a black frame, as the pipeline makes
-            sample.image = Image.new("RGB", sample.image.size)
-        results.append(sample)
-    return results, tally

@@ -10,24 +10,66 @@ from importlib import metadata
 
 from dreamshard import __version__
 from dreamshard.config import GenerateConfig
-from dreamshard.engine.driver import DriverReport
+from dreamshard.engine.driver import DriverReport, WorkerFacts
+from dreamshard.engine.modes import mode_for
 from dreamshard.engine.plan import Plan
 from dreamshard.engine.quality import quality_identity
+from dreamshard.errors import UserError
 from dreamshard.format.layout import FORMAT_VERSION, LAYOUT
+from dreamshard.format.reader import BadRunRecord, read_run_record
+from dreamshard.format.store import Store
 from dreamshard.identity import Identity
 
 VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "ray", "pyarrow", "pillow", "webdataset")
-MODEL_PARTS = ("hash", "revision", "variant", "config", "loras", "controlnet")  # of model_identity, in the fingerprint
+MODEL_PARTS = ("hash", "revision", "variant", "config", "loras", "controlnet", "vae")  # of model_identity, in the fingerprint (vae only when set)
+
+
+TARGET_SHARDS = 256  # auto: shards in a run (a 64-GPU cluster gets 4 rounds)
+MAX_AUTO_SHARD = 1000  # auto: samples per shard at most
+CALLS_PER_GROUP = 2  # auto: full pipeline calls per call group in a shard at least
 
 
 def resolved_config(config: GenerateConfig, out: str | None, num_samples: int | None) -> GenerateConfig:
-    """The config with the command line's --out and --num-samples applied (a copy)."""
+    """The config with the command line's --out and --num-samples applied and `output.samples_per_shard:
+    auto` resolved (a copy): to the size recorded in the output's run record when it has one (a resume or an
+    extension keeps its shards), else `auto_shard_size`."""
     config = config.model_copy(deep=True)
     if out is not None:
         config.output.path = str(out)
     if num_samples is not None:
         config.run.num_samples = num_samples
+    if config.output.samples_per_shard == "auto":
+        config.output.samples_per_shard = recorded_shard_size(config.output.path) or auto_shard_size(config)
     return config
+
+
+def recorded_shard_size(path: str) -> int | None:
+    """samples_per_shard of the run record at `path`, if one is there and readable."""
+    try:
+        record = read_run_record(Store(path))
+    except (BadRunRecord, OSError, UserError):
+        return None
+    size = (record or {}).get("samples_per_shard")
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def auto_shard_size(config: GenerateConfig) -> int:
+    """About TARGET_SHARDS shards (work for every worker of a large cluster, from num_samples alone: the plan
+    does not depend on the cluster), but at least CALLS_PER_GROUP full pipeline calls for each group of
+    samples that must share a call (steps values x strengths x guidance on/off) and at most MAX_AUTO_SHARD."""
+    least = CALLS_PER_GROUP * config.run.batch_size * call_groups(config)
+    return max(1, min(MAX_AUTO_SHARD, max(-(-config.run.num_samples // TARGET_SHARDS), least), config.run.num_samples))
+
+
+def call_groups(config: GenerateConfig) -> int:
+    """How many groups of samples a shard splits into for its pipeline calls, from the config alone."""
+    steps = config.sampling.steps
+    steps_values = 1 if isinstance(steps, int) else steps[1] - steps[0] + 1
+    guidance = config.sampling.guidance_scale
+    guidance_sides = 2 if not isinstance(guidance, (int, float)) and guidance[0] <= 1 < guidance[1] else 1
+    condition = config.condition
+    strengths = len({*condition.strength_by_style.values(), condition.strength}) if mode_for(config.mode).keeps_label else 1
+    return steps_values * guidance_sides * strengths
 
 
 def fingerprint_parts(config: GenerateConfig, plan: Plan, model_info: dict | None, conditioner=None) -> dict:
@@ -41,12 +83,12 @@ def fingerprint_parts(config: GenerateConfig, plan: Plan, model_info: dict | Non
     parts: dict = {"plan": plan.fingerprint}
     if model_info is not None:
         parts["model"] = {
-            **{name: model_info[name] for name in MODEL_PARTS},
+            **{name: model_info[name] for name in MODEL_PARTS if name in model_info},
             "scheduler": config.model.scheduler, "dtype": config.model.dtype, "mode": config.mode, "vae_tiling": config.run.vae_tiling,
         }  # fmt: skip
     parts["quality"] = quality_identity(config)
     parts["layout"] = {
-        "format_version": FORMAT_VERSION, "samples_per_shard": config.output.samples_per_shard,
+        "format_version": FORMAT_VERSION, "samples_per_shard": config.output.shard_size,
         "image_format": config.output.image_format, "quality": config.output.quality,
     }  # fmt: skip
     if conditioner is not None:  # conditioned modes: which source items, and how they condition samples
@@ -70,7 +112,7 @@ def run_record(config: GenerateConfig, plan: Plan, counts: list[int], identity: 
         "fingerprints": identity.digests,
         "fingerprint_parts": identity.parts,
         "num_samples": config.run.num_samples,
-        "samples_per_shard": config.output.samples_per_shard,
+        "samples_per_shard": config.output.shard_size,
         "num_shards": len(counts),
         "image_format": config.output.image_format,
         "layout": LAYOUT,
@@ -94,20 +136,36 @@ def versions() -> dict[str, str]:
 def run_stats(report: DriverReport, num_samples: int, started_at: float, shards_skipped: int) -> dict:
     """One `generate` call, as appended to OUT/stats.jsonl (docs/format.md)."""
     end = report.ended or time.perf_counter()
-    workers = []
-    for worker in report.workers:
-        alive = end - worker.ready_at if worker.ready_at else 0.0
-        workers.append({
-            "name": worker.name, "host": worker.info.get("host"), "gpus": worker.info.get("gpus", []),
-            "load_seconds": worker.info.get("load_seconds"), "shards": worker.shards, "images": worker.images,
-            "images_per_s": round(worker.images / alive, 3) if alive > 0 else 0.0,
-        })  # fmt: skip
+    workers = [worker_stats(worker, end) for worker in report.workers]
+    calls = sum(worker["calls"] for worker in workers)
     return {
         "start": iso_time(started_at), "end": iso_time(time.time()), "host": platform.node(), "dreamshard": __version__,
         "num_samples": num_samples, "shards_skipped": shards_skipped, "shards_made": len(report.committed),
         "images_made": report.images_committed, "shards_failed": {str(k): v for k, v in report.failed.items()},
         "steady_images_per_s": round(report.steady_images_per_s, 3), "retries": report.retries,
-        "failed_workers": report.failed_workers, "worker_errors": report.worker_errors, "workers": workers,
+        "failed_workers": report.failed_workers, "worker_errors": report.worker_errors,
+        "calls": calls, "images_per_call": round(sum(worker["drawn"] for worker in workers) / calls, 3) if calls else 0.0,
+        "busy_workers_fraction": round(report.busy_worker_s / report.ready_worker_s, 3) if report.ready_worker_s else 0.0,
+        "busy_workers": [list(point) for point in report.busy], "backups": report.backups, "backups_won": report.backups_won,
+        "workers": workers,
+    }  # fmt: skip
+
+
+def worker_stats(worker: WorkerFacts, end: float) -> dict:
+    """One worker in stats.jsonl: where it ran, what it made, and where its time went (from its committed
+    shards' markers): pipeline calls, images per call, seconds inside calls, scoring and waiting for sources,
+    and its busy fraction (seconds inside pipeline calls over the seconds it was ready)."""
+    alive = end - worker.ready_at if worker.ready_at else 0.0
+    generation = worker.generation
+    calls, drawn = int(generation.get("calls", 0)), int(generation.get("images", 0))
+    return {
+        "name": worker.name, "host": worker.info.get("host"), "gpus": worker.info.get("gpus", []),
+        "load_seconds": worker.info.get("load_seconds"), "shards": worker.shards, "images": worker.images,
+        "images_per_s": round(worker.images / alive, 3) if alive > 0 else 0.0,
+        "calls": calls, "drawn": drawn, "images_per_call": round(drawn / calls, 3) if calls else 0.0,
+        "padded": int(generation.get("padded", 0)), "pipeline_s": round(generation.get("pipeline_s", 0.0), 3),
+        "scoring_s": round(generation.get("scoring_s", 0.0), 3), "waiting_s": round(generation.get("waiting_s", 0.0), 3),
+        "ready_s": round(alive, 3), "busy_fraction": round(generation.get("pipeline_s", 0.0) / alive, 3) if alive > 0 else 0.0,
     }  # fmt: skip
 
 

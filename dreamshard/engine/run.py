@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from dreamshard.cluster import ray_session
 from dreamshard.config import GenerateConfig
 from dreamshard.engine.conditioned import Conditioner, conditioner_for
-from dreamshard.engine.driver import SHARDS_IN_FLIGHT, Driver, DriverReport, Schedule, WorkerPool
+from dreamshard.engine.driver import WORKER_CONCURRENCY, Driver, DriverReport, Schedule, WorkerPool
 from dreamshard.engine.models import model_identity
 from dreamshard.engine.plan import Plan, build_plan
 from dreamshard.engine.quality import check_clip_model
@@ -74,10 +74,12 @@ def generate(
     address: str | None = None,
     force_new: bool = False,
     show_progress: bool = True,
+    worker: type = GenerationWorker,
 ) -> RunSummary:
     """Generate (or resume, or extend) the dataset `config` describes into `out` (default
     `config.output.path`). Bad input raises UserError before any worker starts; shards that still fail
-    after their retries are listed in the summary's `failed_shards` (and no manifest is written)."""
+    after their retries are listed in the summary's `failed_shards` (and no manifest is written). `worker`:
+    the actor class (GenerationWorker, or a subclass of it)."""
     started, started_at = time.perf_counter(), time.time()
     config = resolved_config(config, out, num_samples)
     counts = checked_counts(config)
@@ -91,7 +93,7 @@ def generate(
         log.warning("writing to %s (a new directory, --force-new)", rundir.url)
         config.output.path = rundir.url
     with OutputLease(rundir.store, "generate") as lease:  # one writer per output, from before anything is cleaned up
-        state = rundir.classify(identity, counts, config.output.samples_per_shard)  # again, under the lease
+        state = rundir.classify(identity, counts, config.output.shard_size)  # again, under the lease
         if state.action == "refuse":
             raise UserError(f"{rundir.url}: {state.reason}; {state.fix}")
         rundir.prepare(state, counts, run_record(config, plan, counts, identity, model_info, state.record))
@@ -99,12 +101,13 @@ def generate(
         report = None
         if todo:
             with ray_session(address):
-                report = drive(config, rundir, plan, counts, todo, state, model_info, conditioner, lease, started, show_progress)
+                report = drive(config, rundir, plan, counts, todo, state, model_info, conditioner, lease, started, show_progress, worker)
                 rundir.append_stats(run_stats(report, config.run.num_samples, started_at, len(state.done)))
             rundir.clean_partials()  # what dead workers left; every worker of this run is gone now
-        committed = committed_shards(rundir.store, config.output.samples_per_shard)
+        committed = committed_shards(rundir.store, config.output.shard_size)
         if report is not None:
             rundir.write_snapshot(committed)
+            check_committed(report, committed)
         summary = summarize(config, counts, committed, state, report, started)
         if summary.ok:
             try:
@@ -116,13 +119,21 @@ def generate(
 
 def checked_counts(config: GenerateConfig) -> list[int]:
     """Samples per shard of the run, refusing a plan too large to list."""
-    shards = -(-config.run.num_samples // config.output.samples_per_shard)
+    shards = -(-config.run.num_samples // config.output.shard_size)
     if shards > MAX_SHARDS:
         raise UserError(
-            f"num_samples {config.run.num_samples} makes {shards} shards of {config.output.samples_per_shard}; at most {MAX_SHARDS:,} "
+            f"num_samples {config.run.num_samples} makes {shards} shards of {config.output.shard_size}; at most {MAX_SHARDS:,} "
             "(raise output.samples_per_shard or lower num_samples)"
         )
-    return shard_counts(config.run.num_samples, config.output.samples_per_shard)
+    return shard_counts(config.run.num_samples, config.output.shard_size)
+
+
+def check_committed(report: DriverReport, committed: dict[int, dict]) -> None:
+    """The store is the truth: a shard the driver accepted but that does not read as committed (a write
+    that did not land, a copy published twice by a worker presumed dead) fails, so no manifest is written and
+    a re-run makes it again."""
+    for shard in sorted(set(report.committed) - set(committed)):
+        report.failed[shard] = "accepted by the driver but not committed on the store; re-run the same command to make it again"
 
 
 def choose_output(path: str, identity: Identity, force_new: bool) -> RunDir:
@@ -143,17 +154,19 @@ def choose_output(path: str, identity: Identity, force_new: bool) -> RunDir:
 def drive(
     config: GenerateConfig, rundir: RunDir, plan: Plan, counts: list[int], todo: list[int], state: RunState,
     model_info: dict, conditioner: Conditioner | None, lease: OutputLease, started: float, show_progress: bool,
+    worker: type = GenerationWorker,
 ) -> DriverReport:  # fmt: skip
     """Make the shards `todo` on Ray workers, keeping the lease and the marker snapshot fresh."""
-    samples_per_shard = config.output.samples_per_shard
+    samples_per_shard = config.output.shard_size
     schedule = Schedule(
         shards=tuple(todo),
         counts=tuple(counts),
         task=lambda shard: (plan.specs(shard * samples_per_shard, shard * samples_per_shard + counts[shard]),),
-        workers=worker_pool(config, rundir.store, model_info, conditioner, len(todo)),
+        workers=worker_pool(config, rundir.store, model_info, conditioner, len(todo), worker),
         max_retries=config.run.max_shard_retries,
         shard_timeout_s=config.run.shard_timeout_s,
         worker_start_timeout_s=config.run.worker_start_timeout_s,
+        backups=config.run.backups,
     )
     snapshot = SnapshotRefresh(rundir, state.done)
     skipped = sum(counts[shard] for shard in state.done)
@@ -167,15 +180,14 @@ def drive(
         return Driver(schedule, on_commit=snapshot.commit, tick=tick, started=started).run()
 
 
-def worker_pool(config: GenerateConfig, store: Store, model_info: dict, conditioner: Conditioner | None, shards: int) -> WorkerPool:
+def worker_pool(config: GenerateConfig, store: Store, model_info: dict, conditioner: Conditioner | None, shards: int, worker: type = GenerationWorker) -> WorkerPool:
     """The generation workers: one per GPU (fractions allowed), or `run.workers` single-CPU workers when the
     cluster has no GPU (or model.device is cpu); never more than there are shards to make."""
     import ray
 
     run = config.run
     gpus = 0.0 if config.model.device == "cpu" else ray.cluster_resources().get("GPU", 0.0)
-    # Threads: the in-flight shards plus one for progress() and pid() calls.
-    options: dict[str, float] = {"num_cpus": 1, "max_concurrency": SHARDS_IN_FLIGHT + 1, "max_restarts": 0, "max_task_retries": 0}
+    options: dict[str, float] = {"num_cpus": 1, "max_concurrency": WORKER_CONCURRENCY, "max_restarts": 0, "max_task_retries": 0}
     if gpus >= run.gpus_per_worker:
         size, threads = int(gpus // run.gpus_per_worker + 1e-9), None
         options["num_gpus"] = run.gpus_per_worker
@@ -183,7 +195,7 @@ def worker_pool(config: GenerateConfig, store: Store, model_info: dict, conditio
         size, threads = run.workers, run.torch_threads
     out = store.root if store.is_local else store.url
     return WorkerPool(
-        actor=GenerationWorker,
+        actor=worker,
         arguments=lambda name: (config, out, name, model_info, threads, conditioner),
         options=options,
         size=max(1, min(size, shards)),

@@ -1,9 +1,11 @@
 """Write one shard: a WebDataset tar, its index Parquet, then its commit marker (LAST).
 
-Commit protocol: build the tar in a scratch file, move it to its final name, write the Parquet file the
-same way, then the marker. A shard without a marker does not exist; a marker's first index and tar size
-must match for the shard to count as committed. On object stores the files are built locally and
-uploaded whole, marker last.
+Commit protocol: build the tar and the Parquet file in scratch files (`seal`), then, when the shard is
+published: remove any old marker, move the tar to its final name, the Parquet file likewise, then write the
+marker (`publish`). A shard without a marker does not exist; a marker's first index and tar size must match
+for the shard to count as committed. On object stores the files are built locally and uploaded whole,
+marker last. Sealing and publishing are separate steps so that of two copies of one shard (a backup made
+for a straggler) only the one the driver chooses is published.
 
 Tars are reproducible: members carry a fixed mtime, owner and mode, and the json only the plan's fields,
 so the same plan and weights give the same bytes on any worker.
@@ -15,6 +17,7 @@ import hashlib
 import io
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,11 +37,13 @@ TAR_OWNER = "dreamshard"
 @dataclass
 class ShardSample:
     """One sample to write: its metadata (record fields; key and shard are filled in), image, extra files
-    such as {"seg.png": label image} (the same names in every sample of a dataset)."""
+    such as {"seg.png": label image} (the same names in every sample of a dataset), and `finish`, work the
+    writer does on the sample before encoding it (a generating thread hands off e.g. resizing to a label)."""
 
     metadata: dict[str, Any]
     image: Image.Image
-    files: dict[str, bytes | Image.Image] = field(default_factory=dict)
+    files: dict[str, Any] = field(default_factory=dict)  # bytes or PIL images (or whatever `finish` turns into them)
+    finish: Callable[[ShardSample], None] | None = None
 
 
 class ShardWriter:
@@ -52,8 +57,9 @@ class ShardWriter:
             raise ValueError(f"image format {image_format!r}: choose one of {', '.join(IMAGE_FORMATS)}")
         self.store, self.shard, self.image_format, self.quality = store, shard, image_format, quality
         store.makedirs()
-        store.remove(shard_marker(shard))  # rewriting a shard un-commits it first
         self._scratch = store.scratch_file(shard_tar(shard))
+        self._parquet = store.scratch_file(shard_parquet(shard))
+        self._marker: dict | None = None  # set by seal
         self._file = open(self._scratch.local, "wb")
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=TAR_MTIME, user=TAR_OWNER, group=TAR_OWNER)
         self._records: list[dict] = []
@@ -76,6 +82,8 @@ class ShardWriter:
 
     def add(self, sample: ShardSample) -> None:
         """Encode one sample; it is written now, or once the samples before it (see `expect`) are."""
+        if sample.finish is not None:
+            sample.finish(sample)
         record = sample_record(sample.metadata, self.shard, sample.image.size)
         names = tuple(sorted(sample.files))
         if self._file_names is None:
@@ -101,42 +109,56 @@ class ShardWriter:
             self._write(*self._waiting.pop(self._order.pop()))
 
     def commit(self, info: dict | None = None) -> dict:
-        """Finish the shard; returns its marker (shard, count, first/last index, tar bytes and sha256)."""
+        """Seal and publish the shard; returns its marker."""
+        self.seal(info)
+        return self.publish()
+
+    def seal(self, info: dict | None = None) -> dict:
+        """Finish the shard's files in scratch space; returns the marker `publish` will write (shard, count,
+        first/last index, tar and Parquet bytes, tar sha256, and `info`)."""
         if self._order or self._waiting:
             missing = sorted(set(self._order or ()) | set(self._waiting))
             raise RuntimeError(f"shard {self.shard}: samples {missing[:5]}... missing or out of plan; not committing")
         self._close()
-        local = self._scratch.local
-        tar_bytes, tar_sha256 = Path(local).stat().st_size, sha256_file(local)
-        self.store.put_file(local, shard_tar(self.shard))
-        self._scratch.cleanup()
-        with self.store.scratch_file(shard_parquet(self.shard)) as parquet:
-            pq.write_table(records_to_table(self._records), parquet)
-            parquet_bytes = Path(parquet).stat().st_size
-            self.store.put_file(parquet, shard_parquet(self.shard))
+        tar = self._scratch.local
+        pq.write_table(records_to_table(self._records), self._parquet.local)
         indexes = [record["index"] for record in self._records]
-        marker = {
+        self._marker = {
             "shard": self.shard,
             "count": len(self._records),
             "first_index": min(indexes, default=-1),
             "last_index": max(indexes, default=-1),
             "tar": shard_tar(self.shard),
-            "tar_bytes": tar_bytes,
-            "tar_sha256": tar_sha256,
+            "tar_bytes": Path(tar).stat().st_size,
+            "tar_sha256": sha256_file(tar),
             "parquet": shard_parquet(self.shard),
-            "parquet_bytes": parquet_bytes,
+            "parquet_bytes": Path(self._parquet.local).stat().st_size,
             "seconds": round(time.time() - self._started, 3),
-            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **(info or {}),
         }
+        return dict(self._marker)
+
+    def publish(self) -> dict:
+        """Make the sealed shard committed: its old marker (if any) goes first, then tar and Parquet move to
+        their final names, and the marker is written last. Returns the marker."""
+        if self._marker is None:
+            raise RuntimeError(f"shard {self.shard}: publish before seal")
+        marker = {**self._marker, "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.store.remove(shard_marker(self.shard))  # rewriting a shard un-commits it first
+        self.store.put_file(self._scratch.local, shard_tar(self.shard))
+        self.store.put_file(self._parquet.local, shard_parquet(self.shard))
+        self._scratch.cleanup()
+        self._parquet.cleanup()
         self.store.write_json(shard_marker(self.shard), marker)
         return marker
 
     def abort(self) -> None:
+        """Drop the shard's scratch files (an error, or the copy the driver did not choose)."""
         try:
             self._close()
         finally:
             self._scratch.cleanup()
+            self._parquet.cleanup()
 
     def _close(self) -> None:
         if not self._file.closed:

@@ -126,16 +126,7 @@ def inspect_tables(info: DatasetInfo) -> list[Table]:
     overview.add_row("model", f"{info.model.get('id', '?')} (hash {info.model.get('hash', '?')})")
     tables = [overview]
     if info.runs:
-        runs = Table(title="generate calls (stats.jsonl)")
-        for column in ("start", "end", "host", "workers", "shards made", "images made", "steady img/s", "retries", "failed workers"):
-            runs.add_column(column, justify="right" if column not in ("start", "end", "host") else "left")
-        for run in info.runs:
-            runs.add_row(
-                str(run.get("start", "?")), str(run.get("end", "?")), str(run.get("host", "?")), str(len(run.get("workers", []))),
-                str(run.get("shards_made", "?")), str(run.get("images_made", "?")), f"{run.get('steady_images_per_s', 0):.2f}",
-                str(run.get("retries", "?")), str(run.get("failed_workers", "?")),
-            )  # fmt: skip
-        tables.append(runs)
+        tables += run_tables(info.runs)
     if info.quality is not None:
         tables += quality_tables(info.quality, info.samples)
     total = max(info.samples, 1)
@@ -146,6 +137,38 @@ def inspect_tables(info: DatasetInfo) -> list[Table]:
         table.add_column("share", justify="right")
         for value, count in sorted(counter.items(), key=lambda item: (-item[1], item[0])):
             table.add_row(value, str(count), f"{100 * count / total:.1f}%")
+        tables.append(table)
+    return tables
+
+
+def run_tables(runs: list[dict]) -> list[Table]:
+    """The generate calls (stats.jsonl), and the workers of the last one: where their time went."""
+    calls = Table(title="generate calls (stats.jsonl)")
+    columns = ("start", "end", "host", "workers", "shards made", "images made", "steady img/s", "img/call", "busy workers", "backups", "retries", "failed workers")
+    for column in columns:
+        calls.add_column(column, justify="left" if column in ("start", "end", "host") else "right")
+    for run in runs:
+        busy = run.get("busy_workers_fraction")
+        calls.add_row(
+            str(run.get("start", "?")), str(run.get("end", "?")), str(run.get("host", "?")), str(len(run.get("workers", []))),
+            str(run.get("shards_made", "?")), str(run.get("images_made", "?")), f"{run.get('steady_images_per_s', 0):.2f}",
+            f"{run['images_per_call']:.2f}" if "images_per_call" in run else "-", f"{100 * busy:.0f}%" if busy is not None else "-",
+            f"{run.get('backups', 0)} ({run.get('backups_won', 0)} won)" if "backups" in run else "-",
+            str(run.get("retries", "?")), str(run.get("failed_workers", "?")),
+        )  # fmt: skip
+    tables = [calls]
+    workers = runs[-1].get("workers", []) if runs else []
+    if any("calls" in worker for worker in workers):
+        table = Table(title="workers of the last generate call: where their time went")
+        for column in ("worker", "host", "shards", "images", "calls", "img/call", "in calls s", "scoring s", "waiting s", "ready s", "busy"):
+            table.add_column(column, justify="left" if column in ("worker", "host") else "right")
+        for worker in workers:
+            table.add_row(
+                str(worker.get("name")), str(worker.get("host")), str(worker.get("shards", 0)), str(worker.get("images", 0)),
+                str(worker.get("calls", 0)), f"{worker.get('images_per_call', 0):.2f}", f"{worker.get('pipeline_s', 0):.1f}",
+                f"{worker.get('scoring_s', 0):.1f}", f"{worker.get('waiting_s', 0):.1f}", f"{worker.get('ready_s', 0):.1f}",
+                f"{100 * worker.get('busy_fraction', 0):.0f}%",
+            )  # fmt: skip
         tables.append(table)
     return tables
 
