@@ -1,30 +1,31 @@
-"""GPU generation throughput: the engine against a bare diffusers loop in the same run, compile on and off,
-img/s per GPU, model FLOPs utilisation, and each speed option.
+"""GPU generation throughput: the engine's whole run against a bare diffusers loop in the same run, with the
+GPU's utilisation sampled while each runs, img/s per GPU and model FLOPs utilisation.
 
-Default (for a machine with a GPU): the `sd15` shape at 512x512 and the `sdxl` shape at 1024x1024 (the real
-architectures with random weights, built once under bench/out), 25 steps, float16, batch 8, guidance 7.5
-(classifier-free guidance: the UNet sees 16 latents per call). `--smoke`: the `tiny` and `tiny-sdxl` shapes at
-64x64, 2 steps, float32, batch 2, on the CPU, compile off unless asked: it keeps this script working where
-there is no GPU (tests/test_bench_gpu.py runs it).
+Default (sized for a short GPU loan: a few minutes on one H100): the `sd15` shape (SD 1.5's architecture,
+random weights built once under bench/out: the GPU machine cannot reach a hub) at 512x512, 25 steps,
+float16, batch 8, guidance 7.5 (classifier-free guidance: the UNet sees 16 latents per call), compile off.
+`--full`: also the `sdxl` shape at 1024x1024, compile off and on, and each speed option. `--smoke`: the `tiny`
+shape at 64x64, 2 steps, float32, batch 2, on the CPU: it keeps this script working where there is no GPU
+(tests/test_bench_gpu.py runs it).
 
 Per shape, in one process on one device:
 - bare: `AutoPipelineForText2Image.from_pretrained` and its own `__call__` (diffusers' defaults: SDPA
   attention), per-sample CPU generators as the engine uses, PIL output; img/s over --batches batches after
   one warm-up batch (which pays torch.compile, when on).
-- engine: `dreamshard generate` on an embedded Ray, one worker on the device, one shard per batch and
-  --batches + 1 shards; `engine img/s` is the generation rate from the per-sample seconds of the index
-  Parquet without shard 0 (the warm-up, like the bare loop's), `end to end` the driver's steady rate (from
-  the worker being ready: it includes the compile, the writer, commits and Ray).
-- ratio: engine img/s / bare img/s, with compile off and on (run.compile; the bare loop compiles the same
-  modules: the UNet and the VAE decoder).
+- engine: `dreamshard generate` on an embedded Ray, one worker on the device, --batches + 1 shards of one
+  call each. `engine img/s` is its whole run without the warm-up shard (the one whose call took longest, as
+  the bare loop's first): its images over the worker's time from ready to the end less that shard's, so
+  JPEG encoding, tar writing, commits and the driver all count; `in calls` is the rate inside its pipeline
+  calls only, and `busy` the share of the worker's time inside them (stats.jsonl).
+- GPU util: the mean of `nvidia-smi`'s utilisation.gpu sampled every 0.2 s while each side runs.
 - MFU: FLOPs per image x img/s / the device's dense fp16 peak (a table of known GPUs, or --peak-tflops).
   FLOPs per image are counted with torch.utils.flop_counter over one eager call for one image (text
-  encoders, every UNet step of both guidance branches, VAE decode); attention is counted through the eager
-  processor, since the counter does not see every SDPA kernel.
-- options: the engine's loader and call (load_pipeline + call_pipeline, in process, no Ray) with each speed
-  option alone: base, channels_last, attention eager, vae_slicing, vae_tiling: img/s and peak device memory.
+  encoders, every UNet step of both guidance branches, VAE decode: 42.7 TFLOP for sd15 at 512x512 with 25
+  steps); attention is counted through the eager processor, since the counter does not see every SDPA kernel.
+- options (--full): the engine's loader and call (load_pipeline + call_pipeline, in process, no Ray) with each
+  speed option alone: base, channels_last, attention eager, vae_slicing, vae_tiling: img/s and peak memory.
 
-    python -m bench.bench_gpu [--smoke] [--shapes sd15,sdxl] [--batch 8] [--steps 25] [--batches 3]
+    python -m bench.bench_gpu [--full | --smoke] [--shapes sd15,sdxl] [--batch 8] [--steps 25] [--batches 4]
                               [--compile off|on|both] [--options base,channels_last,...] [--peak-tflops X]
                               [--json OUT] [--models bench/out]
 """
@@ -34,7 +35,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -83,6 +86,38 @@ def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
 
 
+class Utilisation:
+    """The GPU's utilisation (nvidia-smi, every 0.2 s) while a block runs: `mean` in %, None without nvidia-smi."""
+
+    def __init__(self, device) -> None:
+        self.index = (device.index or 0) if device.type == "cuda" else None
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Utilisation:
+        if self.index is not None and shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+    def _run(self) -> None:
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", str(self.index)]
+        while not self._stop.wait(0.2):
+            try:
+                self.samples.append(float(subprocess.run(query, capture_output=True, text=True, timeout=5).stdout.strip()))
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                return
+
+
 def engine_config(model: Path, args, size: int, compile_on: bool, out: Path):
     from dreamshard.config import GenerateConfig
 
@@ -127,9 +162,10 @@ def bare_loop(model: Path, config, args, device, compile_on: bool) -> dict:
     sync(device)
     warm = time.perf_counter() - started
     started = time.perf_counter()
-    images = sum(len(call(specs)) for specs in work[1:])
-    sync(device)
-    result = {"images_per_s": images / (time.perf_counter() - started), "warm_up_s": warm}
+    with Utilisation(device) as gpu:
+        images = sum(len(call(specs)) for specs in work[1:])
+        sync(device)
+    result = {"images_per_s": images / (time.perf_counter() - started), "warm_up_s": warm, "gpu_util": gpu.mean}
     if not compile_on:
         result["flops_per_image"] = count_flops(pipe, work[0][:1])
     return result
@@ -152,16 +188,26 @@ def count_flops(pipe, specs) -> float:
     return float(counter.get_total_flops()) / len(specs)
 
 
-def engine_run(config) -> dict:
+def engine_run(config, device) -> dict:
+    """The engine's whole run after its warm-up shard, its rate inside calls, its worker's busy share."""
     from dreamshard.engine.run import generate
-    from dreamshard.format.reader import manifest_rows, read_manifest
 
-    summary = generate(config, show_progress=False)
+    with Utilisation(device) as gpu:
+        summary = generate(config, show_progress=False)
     if not summary.ok:
         raise RuntimeError(f"engine run failed: {summary.failed_shards}")
-    rows = [row for row in manifest_rows(read_manifest(config.output.path)) if row["shard"] > 0]  # shard 0: warm-up
-    seconds = sum(row["seconds"] for row in rows)
-    return {"images_per_s": len(rows) / seconds if seconds else 0.0, "end_to_end_images_per_s": summary.steady_images_per_s}
+    out = Path(config.output.path)
+    [worker] = json.loads((out / "stats.jsonl").read_text().splitlines()[-1])["workers"]
+    # The warm-up shard: the one whose call took longest (its first call pays CUDA's and compile's warm-up).
+    markers = [json.loads(path.read_text()) for path in sorted((out / "index").glob("*.commit.json"))]
+    warm = max(markers, key=lambda marker: marker["generation"]["pipeline_s"])["generation"]
+    images, seconds = worker["images"] - warm["images"], worker["ready_s"] - warm["seconds"]
+    in_calls = worker["pipeline_s"] - warm["pipeline_s"]
+    return {
+        "images_per_s": images / seconds if seconds > 0 else 0.0,
+        "in_calls_images_per_s": (worker["drawn"] - warm["images"]) / in_calls if in_calls > 0 else 0.0,
+        "busy": worker["busy_fraction"], "images_per_call": worker["images_per_call"], "gpu_util": gpu.mean,
+    }  # fmt: skip
 
 
 def option_runs(model: Path, config, args, device, names: list[str]) -> dict:
@@ -205,10 +251,12 @@ def measure(shape: str, args, device, root: Path) -> dict:
         bare = bare_loop(model, config, args, device, compile_on)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        engine = engine_run(config)
+        engine = engine_run(config, device)
         result["compile"]["on" if compile_on else "off"] = {
-            "bare_images_per_s": bare["images_per_s"], "bare_warm_up_s": bare["warm_up_s"], "engine_images_per_s": engine["images_per_s"],
-            "engine_end_to_end_images_per_s": engine["end_to_end_images_per_s"], "ratio": engine["images_per_s"] / bare["images_per_s"],
+            "bare_images_per_s": bare["images_per_s"], "bare_warm_up_s": bare["warm_up_s"], "bare_gpu_util": bare["gpu_util"],
+            "engine_images_per_s": engine["images_per_s"], "engine_in_calls_images_per_s": engine["in_calls_images_per_s"],
+            "engine_busy": engine["busy"], "engine_images_per_call": engine["images_per_call"], "engine_gpu_util": engine["gpu_util"],
+            "ratio": engine["images_per_s"] / bare["images_per_s"],
         }  # fmt: skip
         if "flops_per_image" in bare:
             result["flops_per_image"] = bare["flops_per_image"]
@@ -227,17 +275,18 @@ def table(results: dict, args, device) -> str:
     lines = [
         f"device: {device_name(device)}; {args.steps} steps, {args.dtype}, batch {args.batch}, guidance {GUIDANCE}, {args.batches} timed batches",
         "",
-        "| shape | compile | bare img/s | engine img/s | ratio | end to end img/s | TFLOP per image | MFU |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| shape | compile | bare img/s | engine img/s (whole run) | ratio | engine in calls img/s | engine busy | img/call | GPU util bare / engine | TFLOP per image | MFU |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for shape, result in results.items():
         flops = result.get("flops_per_image")
         flops_text = f"{flops / 1e12:.4f}" if flops else "n/a"
         for mode, entry in result["compile"].items():
             mfu = f"{100 * entry['mfu']:.1f}%" if entry.get("mfu") is not None else "n/a"
+            util = " / ".join(f"{value:.0f}%" if value is not None else "n/a" for value in (entry["bare_gpu_util"], entry["engine_gpu_util"]))
             lines.append(
                 f"| {shape} {result['size']}² | {mode} | {entry['bare_images_per_s']:.3f} | {entry['engine_images_per_s']:.3f} | {entry['ratio']:.3f} | "
-                f"{entry['engine_end_to_end_images_per_s']:.3f} | {flops_text} | {mfu} |"
+                f"{entry['engine_in_calls_images_per_s']:.3f} | {100 * entry['engine_busy']:.0f}% | {entry['engine_images_per_call']:.1f} | {util} | {flops_text} | {mfu} |"
             )
     if any("options" in result for result in results.values()):
         lines += ["", "| shape | option | img/s | vs base | peak memory GiB |", "| --- | --- | --- | --- | --- |"]
@@ -253,7 +302,8 @@ def table(results: dict, args, device) -> str:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes at 64x64 on the CPU, 2 steps, batch 2 (a check, not a measurement)")
+    parser.add_argument("--smoke", action="store_true", help="the tiny shape at 64x64 on the CPU, 2 steps, batch 2 (a check, not a measurement)")
+    parser.add_argument("--full", action="store_true", help="sd15 and sdxl, compile off and on, every speed option (tens of minutes)")
     parser.add_argument("--shapes", type=lambda text: text.split(","), default=None, help="comma-separated: sd15, sdxl, tiny, tiny-sdxl")
     parser.add_argument("--size", type=int, default=None, help="image side (default: 512 sd15, 1024 sdxl, 64 tiny shapes)")
     parser.add_argument("--steps", type=int, default=None)
@@ -268,10 +318,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--models", type=Path, default=OUT, help="where the random-weight models are built (once) and reused")
     args = parser.parse_args(argv)
-    smoke = args.smoke
-    defaults = {"shapes": ["tiny", "tiny-sdxl"] if smoke else ["sd15", "sdxl"], "steps": 2 if smoke else 25, "batch": 2 if smoke else 8,
-                "batches": 1 if smoke else 3, "dtype": "float32" if smoke else "float16", "compile": "off" if smoke else "both",
-                "options": list(OPTIONS)}  # fmt: skip
+    smoke, full = args.smoke, args.full
+    defaults = {"shapes": ["tiny"] if smoke else ["sd15", "sdxl"] if full else ["sd15"], "steps": 2 if smoke else 25,
+                "batch": 2 if smoke else 8, "batches": 2 if smoke else 4, "dtype": "float32" if smoke else "float16",
+                "compile": "both" if full else "off", "options": list(OPTIONS) if full or smoke else []}  # fmt: skip
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -12,8 +12,9 @@ def test_smoke_run_measures_every_figure(ray_cluster, tmp_path, capsys):
     results = bench_gpu.main(argv)
     result = results["tiny"]
     entry = result["compile"]["off"]
-    assert entry["bare_images_per_s"] > 0 and entry["engine_images_per_s"] > 0 and entry["engine_end_to_end_images_per_s"] > 0
-    assert entry["ratio"] == entry["engine_images_per_s"] / entry["bare_images_per_s"]
+    assert entry["bare_images_per_s"] > 0 and entry["engine_images_per_s"] > 0 and entry["engine_in_calls_images_per_s"] > 0
+    assert entry["ratio"] == entry["engine_images_per_s"] / entry["bare_images_per_s"] and 0 < entry["engine_busy"] <= 1
+    assert entry["engine_images_per_call"] == 2.0 and entry["bare_gpu_util"] is None  # full calls; no GPU to sample here
     assert result["flops_per_image"] > 1e6 and 0 < entry["mfu"] < 1  # against a 1 TFLOP/s "peak"
     assert set(result["options"]) == set(bench_gpu.OPTIONS) and all(o["images_per_s"] > 0 for o in result["options"].values())
     report = capsys.readouterr().out

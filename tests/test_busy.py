@@ -94,13 +94,13 @@ def test_a_median_clip_filter_redraws_in_full_calls(ray_cluster, tiny_model, tin
 
 
 class SlowOnShardZero(GenerationWorker):
-    """The generation worker, 60 s slow on the first copy of shard 0 it makes (a straggling GPU)."""
+    """The generation worker on a slow GPU: 1.5 s more per shard (so the run outlasts every worker's start, on a
+    loaded machine too), and 60 s more on the first copy of shard 0 (a straggler)."""
 
     def generate_shard(self, shard, specs, attempt=0, backup=False):
-        if shard == 0 and not backup:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and self._copies.get((shard, attempt)) != "aborted":
-                time.sleep(0.1)
+        deadline = time.monotonic() + (60 if shard == 0 and not backup else 1.5)
+        while time.monotonic() < deadline and self._copies.get((shard, attempt)) != "aborted":
+            time.sleep(0.1)
         return super().generate_shard(shard, specs, attempt, backup)
 
 
@@ -108,14 +108,14 @@ class SlowOnShardZero(GenerationWorker):
 def test_more_workers_than_the_old_shard_count_all_work_and_a_straggler_is_backed_up(ray_cluster, tiny_model, tmp_path):
     config = GenerateConfig.model_validate({
         "model": {"path": str(tiny_model), "device": "cpu"},
-        "sampling": {"width": 32, "height": 32, "steps": 1, "guidance_scale": 2.0},
+        "sampling": {"width": 48, "height": 48, "steps": 3, "guidance_scale": 2.0},
         "output": {"path": str(tmp_path / "run")},  # samples_per_shard: auto (it was 1000: one shard, one worker)
-        "run": {"num_samples": 40, "batch_size": 4, "workers": 3, "seed": 2},
+        "run": {"num_samples": 96, "batch_size": 4, "workers": 3, "seed": 2},
     })  # fmt: skip
     summary = generate(config, show_progress=False, worker=SlowOnShardZero)
-    assert summary.ok and summary.shards == 5 and verify_dataset(tmp_path / "run") == []
+    assert summary.ok and summary.shards == 12 and verify_dataset(tmp_path / "run") == []
     keys = [row["key"] for row in manifest_rows(read_manifest(tmp_path / "run"))]
-    assert keys == [f"{index:09d}" for index in range(40)]  # every sample exactly once
+    assert keys == [f"{index:09d}" for index in range(96)]  # every sample exactly once
     stats = last_stats(tmp_path / "run")
     assert len(stats["workers"]) == 3 and all(worker["shards"] > 0 for worker in stats["workers"]), stats["workers"]
     assert stats["backups_won"] == 1 and max(busy for _, busy in stats["busy_workers"]) == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 
 from dreamshard.config import GenerateConfig
 from dreamshard.engine.drawing import Pending, ShardDraws
@@ -58,11 +59,12 @@ def test_redraws_are_pooled_into_full_calls_deterministically():
     def reject(pending: Pending) -> bool:
         return pending.attempt == 1 and pending.spec.index in rejected
 
-    calls = drain(ShardDraws(shard, 4, lambda spec: ()), reject)
-    assert calls == drain(ShardDraws(shard, 4, lambda spec: ()), reject)  # the same calls every time
-    assert [len(call) for call in calls] == [4, 4, 4, 4, 1]  # redraws ride in full calls; only the tail is short
+    calls = drain(ShardDraws(shard, 4, lambda spec: (), max_attempts=5), reject)
+    assert calls == drain(ShardDraws(shard, 4, lambda spec: (), max_attempts=5), reject)  # the same calls every time
+    assert [len(call) for call in calls] == [4, 4, 4, 4, 4]  # redraws ride in full calls, the tail too
     assert calls[2] == [(1, 2), (2, 2), (5, 2), (6, 2)]  # as soon as four redraws wait, they fill a call
-    assert calls[3] == [(8, 1), (9, 1), (10, 1), (11, 1)] and calls[4] == [(9, 2)]
+    assert calls[3] == [(8, 1), (9, 1), (10, 1), (11, 1)]
+    assert calls[4] == [(9, 2), (9, 3), (9, 4), (9, 5)]  # the tail: sample 9's next draws, ahead of its verdicts
     assert sorted(index for call in calls for index, attempt in call if attempt == 2) == sorted(rejected)
 
 
@@ -96,3 +98,57 @@ def test_auto_shard_size_gives_a_large_cluster_work_and_calls_stay_full():
 def test_what_a_plan_says_of_the_workers():
     assert "every worker has work (186 shards in 3 round(s); the last round keeps 58 of 64 busy" in worker_load(186, 64)
     assert "only 6 have a shard to make, 58 take backup copies" in worker_load(6, 64)
+
+
+class FakeMaker:
+    """A mode whose images are one grey value per draw: the seed's last digit x 20."""
+
+    def key(self, spec):
+        return ()
+
+    def prepare(self, spec):
+        return None
+
+    def generate(self, pipe, specs, prepared, stamp, **sampler):
+        from dreamshard.engine.generation import Drawn
+        from dreamshard.format.shards import ShardSample
+
+        values = [20 * (spec.seed % 10) for spec in specs]
+        pixels = torch.tensor(values, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 4, 4, 3).contiguous()
+        samples = [ShardSample({"index": spec.index, "seed": spec.seed, "prompt": spec.prompt}, Image.new("RGB", (4, 4), (value,) * 3)) for spec, value in zip(specs, values)]
+        return Drawn(samples, pixels)
+
+
+class DarkJudge:
+    """Rejects images darker than 100 (a stand-in for a CLIP threshold)."""
+
+    max_attempts = 6
+
+    def judge_batch(self, pixels, prompts):
+        from dreamshard.engine.quality import Verdict
+
+        return [Verdict(None, float(p.float().mean()), False, ("clip_score",) if p.float().mean() < 100 else ()) for p in pixels]
+
+
+def test_draws_made_ahead_keep_what_one_call_after_another_keeps():
+    """The shard's samples under a filter: each keeps the first draw of its seed stream that passes (the
+    sequential rule), whatever the calls held; the calls stay full to the end."""
+    from collections import Counter
+
+    from dreamshard.engine.drawing import CallStats, ShardDrawer
+    from dreamshard.engine.quality import attempt_seed
+
+    shard = specs(10, guidance=5.0)
+    drawer = ShardDrawer(None, FakeMaker(), stamp=None, batch_size=4, judge=DarkJudge(), pad=False, sampler={})
+    drawer.per_sample_guidance = True
+    stats, tally = CallStats(), Counter()
+    kept = {sample.metadata["index"]: sample.metadata for sample in drawer.draw(shard, stats, tally)}
+    assert sorted(kept) == list(range(10))
+    for spec in shard:
+        stream = [attempt_seed(spec.seed, attempt) for attempt in range(1, 7)]
+        passing = [attempt for attempt, seed in enumerate(stream, start=1) if 20 * (seed % 10) >= 100]
+        expected = passing[0] if passing else 6  # exhausted: the best (brightest) draw, counted as 6 attempts
+        assert kept[spec.index]["attempts"] == expected, spec.index
+        if passing:
+            assert kept[spec.index]["seed"] == stream[expected - 1]
+    assert stats.images == tally["draws"] and stats.images / stats.calls > 0.9 * 4  # full calls, the tail too

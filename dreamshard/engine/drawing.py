@@ -7,9 +7,13 @@ samples go in plan order.
 
 Quality filters redraw from a pool: a rejected sample's next draw (its seed stream's next seed,
 `quality.attempt_seed`) joins the group's redraw queue; a call takes `batch_size` redraws as soon as that
-many wait, else the next samples in plan order topped up with waiting redraws. So redraws ride in full
-calls, and the calls a shard makes depend only on the shard, the config and the verdicts: a re-run makes the
-same calls and the same images. Every image of a call is scored in one batched forward (engine/quality.py).
+many wait, else the next samples in plan order topped up with waiting redraws. In a group's tail, when no
+sample in plan order is left and fewer redraws wait than the call holds, the call is filled with the
+following draws of the same samples' seed streams, drawn ahead: each sample keeps the first of its draws,
+in seed-stream order, that passes, exactly as if they had been drawn one call after another (the draws
+after it are dropped). So redraws ride in full calls, and the calls a shard makes depend only on the shard,
+the config and the verdicts: a re-run makes the same calls and the same images. Every image of a call is
+scored in one batched forward (engine/quality.py).
 
 Around the calls: the sources of the next samples load on a thread pool while the current call runs; labels
 are finished (resized, encoded) on the writer thread; under run.compile a short call is padded to the batch
@@ -86,26 +90,48 @@ class ShardDraws:
     """The order of one shard's draws: groups of specs that can share a call, each worked through before the
     next, in calls of `batch_size` (see the module docstring for the redraw rule)."""
 
-    def __init__(self, specs: list[SampleSpec], batch_size: int, key: Callable[[SampleSpec], tuple]) -> None:
-        self.batch_size, self.key = batch_size, key
+    def __init__(self, specs: list[SampleSpec], batch_size: int, key: Callable[[SampleSpec], tuple], max_attempts: int = 1) -> None:
+        self.batch_size, self.key, self.max_attempts = batch_size, key, max_attempts
         self.fresh: dict[tuple, deque[Pending]] = {}
         for spec in specs:
             self.fresh.setdefault(key(spec), deque()).append(Pending(spec, 1))
         self.redraws: dict[tuple, deque[Pending]] = {group: deque() for group in self.fresh}
+        self.next_attempt: dict[int, int] = {spec.index: 2 for spec in specs}  # the next draw of each seed stream
 
     def next_call(self) -> list[Pending]:
         """The next call's draws ([] when the shard is done)."""
         for group, fresh in self.fresh.items():
             redraws = self.redraws[group]
             if len(redraws) >= self.batch_size or (redraws and not fresh):
-                return [redraws.popleft() for _ in range(min(self.batch_size, len(redraws)))]
+                call = [redraws.popleft() for _ in range(min(self.batch_size, len(redraws)))]
+                return call + self._ahead(call, self.batch_size - len(call)) if not fresh else call
             if fresh:
                 call = [fresh.popleft() for _ in range(min(self.batch_size, len(fresh)))]
                 return call + [redraws.popleft() for _ in range(min(self.batch_size - len(call), len(redraws)))]
         return []
 
     def redraw(self, pending: Pending) -> None:
-        self.redraws[self.key(pending.spec)].append(Pending(pending.spec, pending.attempt + 1))
+        """Queue the next draw of a rejected sample whose later draws are not drawn yet."""
+        index = pending.spec.index
+        if self.next_attempt[index] == pending.attempt + 1 <= self.max_attempts:
+            self.redraws[self.key(pending.spec)].append(Pending(pending.spec, pending.attempt + 1))
+            self.next_attempt[index] += 1
+
+    def _ahead(self, call: list[Pending], room: int) -> list[Pending]:
+        """The tail: `room` further draws of the call's samples, one sample after another in turn."""
+        extra: list[Pending] = []
+        specs = [pending.spec for pending in call]
+        while room and specs:
+            for spec in list(specs):
+                attempt = self.next_attempt[spec.index]
+                if attempt > self.max_attempts:
+                    specs.remove(spec)
+                    continue
+                extra.append(Pending(spec, attempt))
+                self.next_attempt[spec.index], room = attempt + 1, room - 1
+                if not room:
+                    break
+        return extra
 
     def upcoming(self) -> list[SampleSpec]:
         """The specs of the group's next fresh call (sources to load ahead)."""
@@ -158,8 +184,9 @@ class ShardDrawer:
 
     def draw(self, specs: list[SampleSpec], stats: CallStats, tally: Counter) -> Iterator[ShardSample]:
         started = time.perf_counter()
-        draws, sources = ShardDraws(specs, self.batch_size, self.key), Sources(self.maker, self.pool)
+        draws, sources = ShardDraws(specs, self.batch_size, self.key, self.max_attempts), Sources(self.maker, self.pool)
         kept: dict[int, tuple[ShardSample, Verdict | None]] = {}
+        final: set[int] = set()
         while call := draws.next_call():
             waited = time.perf_counter()
             prepared = sources.get([pending.spec for pending in call])
@@ -167,8 +194,11 @@ class ShardDrawer:
             stats.waiting_s += time.perf_counter() - waited
             samples, verdicts = self._call(call, prepared, stats)
             tally["draws"] += len(samples)
-            for pending, sample, verdict in zip(call, samples, verdicts):
+            # Each sample's draws in seed-stream order (a call may hold several of one sample in the tail).
+            for pending, sample, verdict in sorted(zip(call, samples, verdicts), key=lambda drawn: (drawn[0].spec.index, drawn[0].attempt)):
                 index = pending.spec.index
+                if index in final:
+                    continue  # drawn ahead, after the draw the sample keeps
                 if index not in kept or _better(verdict, kept[index][1]):
                     kept[index] = (sample, verdict)
                 if verdict is not None and verdict.reasons:
@@ -177,6 +207,7 @@ class ShardDrawer:
                         draws.redraw(pending)
                         continue
                     tally["exhausted"] += 1
+                final.add(index)
                 sources.release(pending.spec)
                 yield self._final(*kept.pop(index), attempts=pending.attempt)
         stats.seconds += time.perf_counter() - started
