@@ -116,7 +116,12 @@ def scenarios(models: dict[str, Path], tmp: Path) -> dict[str, dict]:
         "output": {"samples_per_shard": 40}, "run": {"num_samples": 80, "batch_size": 4, "seed": 42},
     }  # fmt: skip
     return {
-        "txt2img": {**base, "sampling": {**base["sampling"], "guidance_scale": [3.0, 9.0]}, "output": {"samples_per_shard": 32}, "run": {"num_samples": 64, "batch_size": 8}},
+        "txt2img": {
+            **base,
+            "sampling": {**base["sampling"], "guidance_scale": [3.0, 9.0]},
+            "output": {"samples_per_shard": 32},
+            "run": {"num_samples": 64, "batch_size": 8},
+        },
         "controlnet_seg": zodi,
         "filtered": {**base, "quality": {"clip_model": str(models["clip"])}, "output": {"samples_per_shard": 64}, "run": {"num_samples": 64, "batch_size": 8}},
     }

@@ -115,7 +115,10 @@ class FakeMaker:
 
         values = [20 * (spec.seed % 10) for spec in specs]
         pixels = torch.tensor(values, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 4, 4, 3).contiguous()
-        samples = [ShardSample({"index": spec.index, "seed": spec.seed, "prompt": spec.prompt}, Image.new("RGB", (4, 4), (value,) * 3)) for spec, value in zip(specs, values)]
+        samples = [
+            ShardSample({"index": spec.index, "seed": spec.seed, "prompt": spec.prompt}, Image.new("RGB", (4, 4), (value,) * 3))
+            for spec, value in zip(specs, values)
+        ]
         return Drawn(samples, pixels)
 
 

@@ -36,8 +36,14 @@ def test_what_each_mode_says_of_itself():
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"mode": "txt2img", "prompts": {"pair_items_with": "domain", "styles": {"domain": ["a"]}}}, "needs a conditioned mode (img2img, controlnet_seg, depth2img)"),
-        ({"mode": "depth2img", "condition": {"init_noise": "stochastic_inversion", "strength": 0.5}}, "works in modes img2img and controlnet_seg, not depth2img"),
+        (
+            {"mode": "txt2img", "prompts": {"pair_items_with": "domain", "styles": {"domain": ["a"]}}},
+            "needs a conditioned mode (img2img, controlnet_seg, depth2img)",
+        ),
+        (
+            {"mode": "depth2img", "condition": {"init_noise": "stochastic_inversion", "strength": 0.5}},
+            "works in modes img2img and controlnet_seg, not depth2img",
+        ),
         ({"mode": "controlnet_seg"}, "needs model.controlnet"),
         ({"mode": "img2img"}, "mode img2img needs condition.strength"),
     ],

@@ -129,13 +129,13 @@ def test_the_safety_checkers_verdict_is_recorded_and_flagged_images_are_redrawn(
     assert 0 < len(flagged) < 6 and all(row["nsfw"] in (True, False) for row in rows)
     for key, data in pngs.items():  # flagged and kept: a black frame, as the pipeline would make it
         assert (np.asarray(Image.open(io.BytesIO(data))).max() == 0) == (key in flagged)
-    assert marker["quality"] == {"draws": 6, "exhausted": 0, "rejected": {"clip_score": 0, "nsfw": 0, "blank": 0}}
+    assert marker["quality"] == {"draws": 6, "exhausted": 0, "rejected": {"clip_score": 0, "nsfw": 0, "blank": 0}, "dropped": 0}
 
     config.quality.reject_nsfw, config.quality.max_attempts = True, 30
     redrawn, [marker], redrawn_pngs = worker_run(config, tmp_path / "b")
     assert not any(row["nsfw"] for row in redrawn) and marker["quality"]["exhausted"] == 0
     assert {row["key"] for row in redrawn if row["attempts"] > 1} == flagged  # the same first draws: the same verdicts
-    assert marker["quality"]["rejected"]["nsfw"] == marker["quality"]["draws"] - 6
+    assert marker["quality"]["rejected"]["nsfw"] + marker["quality"]["dropped"] == marker["quality"]["draws"] - 6
     assert all(redrawn_pngs[key] == pngs[key] for key in pngs if key not in flagged)
     for row in redrawn:
         plan_seed = next(r["seed"] for r in rows if r["key"] == row["key"])
@@ -181,7 +181,7 @@ def test_a_median_clip_threshold_keeps_num_samples_all_above_it_reproducibly(ray
             assert pngs[row["key"]] == old_pngs[row["key"]]
 
     info = inspect_dataset(tmp_path / "filtered")
-    assert info.quality.exhausted == 0 and info.quality.rejected["clip_score"] == info.quality.draws - N > 0
+    assert info.quality.exhausted == 0 and info.quality.rejected["clip_score"] + info.quality.dropped == info.quality.draws - N > 0
     assert sum(count for _, _, count in info.quality.histogram()) == N
     output = CliRunner().invoke(app, ["inspect", str(tmp_path / "filtered")]).output
     assert "clip_score histogram" in output and "rejected: clip_score" in output and "attempts per sample" in output

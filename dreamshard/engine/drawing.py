@@ -198,7 +198,8 @@ class ShardDrawer:
             for pending, sample, verdict in sorted(zip(call, samples, verdicts), key=lambda drawn: (drawn[0].spec.index, drawn[0].attempt)):
                 index = pending.spec.index
                 if index in final:
-                    continue  # drawn ahead, after the draw the sample keeps
+                    tally["dropped"] += 1  # drawn ahead, after the draw the sample keeps
+                    continue
                 if index not in kept or _better(verdict, kept[index][1]):
                     kept[index] = (sample, verdict)
                 if verdict is not None and verdict.reasons:

@@ -180,7 +180,9 @@ def drive(
         return Driver(schedule, on_commit=snapshot.commit, tick=tick, started=started).run()
 
 
-def worker_pool(config: GenerateConfig, store: Store, model_info: dict, conditioner: Conditioner | None, shards: int, worker: type = GenerationWorker) -> WorkerPool:
+def worker_pool(
+    config: GenerateConfig, store: Store, model_info: dict, conditioner: Conditioner | None, shards: int, worker: type = GenerationWorker
+) -> WorkerPool:
     """The generation workers: one per GPU (fractions allowed), or `run.workers` single-CPU workers when the
     cluster has no GPU (or model.device is cpu); never more than there are shards to make."""
     import ray

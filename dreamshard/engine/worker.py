@@ -171,7 +171,9 @@ class GenerationWorker:
             pending.close()
         info: dict[str, Any] = {"worker": self.name, "generation": stats.as_dict()}
         if self._judge is not None:
-            info["quality"] = {"draws": tally["draws"], "exhausted": tally["exhausted"], "rejected": {r: tally[r] for r in REASONS}}
+            info["quality"] = {
+                "draws": tally["draws"], "exhausted": tally["exhausted"], "rejected": {r: tally[r] for r in REASONS}, "dropped": tally["dropped"],
+            }  # fmt: skip
         return info
 
     def _hold(self, copy: tuple[int, int], writer: ShardWriter, marker: dict) -> dict:

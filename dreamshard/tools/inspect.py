@@ -42,6 +42,7 @@ class QualitySummary:
     nsfw: Counter  # True / False / None (no checker) -> samples
     draws: int  # images generated for the committed samples (draws >= samples)
     rejected: Counter  # reason -> rejected draws
+    dropped: int  # draws made ahead of a verdict and dropped (the sample had passed already)
     exhausted: int  # samples kept after max_attempts without passing
 
     @classmethod
@@ -56,6 +57,7 @@ class QualitySummary:
             nsfw=Counter(row.get("nsfw") for row in rows),
             draws=sum(tally.get("draws", 0) for tally in tallies) or len(rows),
             rejected=rejected,
+            dropped=sum(tally.get("dropped", 0) for tally in tallies),
             exhausted=sum(tally.get("exhausted", 0) for tally in tallies),
         )
 
@@ -144,7 +146,20 @@ def inspect_tables(info: DatasetInfo) -> list[Table]:
 def run_tables(runs: list[dict]) -> list[Table]:
     """The generate calls (stats.jsonl), and the workers of the last one: where their time went."""
     calls = Table(title="generate calls (stats.jsonl)")
-    columns = ("start", "end", "host", "workers", "shards made", "images made", "steady img/s", "img/call", "busy workers", "backups", "retries", "failed workers")
+    columns = (
+        "start",
+        "end",
+        "host",
+        "workers",
+        "shards made",
+        "images made",
+        "steady img/s",
+        "img/call",
+        "busy workers",
+        "backups",
+        "retries",
+        "failed workers",
+    )
     for column in columns:
         calls.add_column(column, justify="left" if column in ("start", "end", "host") else "right")
     for run in runs:
@@ -179,6 +194,7 @@ def quality_tables(quality: QualitySummary, samples: int) -> list[Table]:
     overview.add_row("draws", f"{quality.draws} for {samples} samples ({quality.draws - samples} redraws)")
     for reason, count in sorted(quality.rejected.items()):
         overview.add_row(f"rejected: {reason}", str(count))
+    overview.add_row("drawn ahead and dropped", str(quality.dropped))
     overview.add_row("exhausted (kept after max_attempts)", str(quality.exhausted))
     checked = quality.nsfw[True] + quality.nsfw[False]
     overview.add_row("nsfw", f"{quality.nsfw[True]} flagged of {checked} checked" if checked else "no safety checker")
