@@ -12,7 +12,8 @@ import typer
 from rich.text import Text
 
 from dreamshard import __version__
-from dreamshard.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, UserError, on_sigterm_raise, terminated
+from dreamshard.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, Interrupted, Terminated, UserError, on_sigterm_raise, terminated
+from dreamshard.format.store import store_error
 from dreamshard.logs import console, set_log_every, setup_logging
 
 app = typer.Typer(
@@ -35,8 +36,15 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def user_errors(func):
-    """Turn the errors a user can fix into one line and an exit code, never a traceback."""
+RESUMES = "committed shards are kept and a re-run of the same command resumes"
+NOTHING = "nothing was changed"
+
+
+def user_errors(func=None, *, kept: str = RESUMES):
+    """Turn the errors a user can fix into one line and an exit code, never a traceback. `kept`: what an
+    interruption leaves for a re-run (a command that saves its work on the way out says it itself)."""
+    if func is None:
+        return functools.partial(user_errors, kept=kept)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -45,17 +53,33 @@ def user_errors(func):
         except UserError as exc:
             fail(str(exc), exc.exit_code)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM turned into Terminated
-            if isinstance(exc, Terminated) or terminated():
-                fail("terminated (SIGTERM); committed work is kept and a re-run of the same command resumes it", EXIT_TERMINATED)
-            fail("interrupted; committed work is kept and a re-run of the same command resumes it", EXIT_INTERRUPTED)
+            sigterm = exc.sigterm if isinstance(exc, Interrupted) else isinstance(exc, Terminated) or terminated()
+            left = exc.kept if isinstance(exc, Interrupted) else kept
+            if sigterm:
+                fail(f"terminated (SIGTERM); {left}", EXIT_TERMINATED)
+            fail(f"interrupted; {left}", EXIT_INTERRUPTED)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                fail(f"no space left on device ({exc.filename or 'output'}); free space or choose another output, then re-run to resume", 1)
-            if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-                fail(f"cannot write {exc.filename or 'output'}: {exc.strerror}; choose a writable output path", 2)
-            raise
+            fail(*os_error(exc))
+        except Exception as exc:
+            message = store_error(exc)
+            if message is None:
+                raise
+            fail(message, 1)
 
     return wrapper
+
+
+def os_error(exc: OSError) -> tuple[str, int]:
+    """One line and an exit code for an operating-system error that reached the command line."""
+    where = exc.filename or "the output"
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on device ({where}); free space or choose another output, then re-run to resume", 1
+    if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return f"cannot write {where}: {exc.strerror}; choose a writable output path", 2
+    message = store_error(exc)
+    if message is not None:
+        return message, 1
+    return f"{where}: {exc.strerror or type(exc).__name__} ({' '.join(str(exc).split())[:160]}); check the path, then re-run", 1
 
 
 def _version(value: bool) -> None:
@@ -76,7 +100,7 @@ def main(
 
 
 @app.command("tiny-model")
-@user_errors
+@user_errors(kept="the output may be incomplete: remove it and re-run")
 def tiny_model(
     out: Path = typer.Argument(..., help="Directory to write the pipeline (or ControlNet) into."),
     preset: str = typer.Option(
@@ -111,6 +135,9 @@ def generate(
     force_new: bool = typer.Option(
         False, "--force-new", help="If OUT holds a different dataset, write to a new sibling OUT-2, OUT-3, ... instead of refusing."
     ),
+    verify: bool = typer.Option(
+        False, "--verify", help="Check every committed shard (its tar's sha256, its index file) before trusting it; damaged ones are made again."
+    ),
 ) -> None:
     """Generate a WebDataset dataset with Ray workers. Re-running the same command resumes (committed
     shards are kept); a higher --num-samples extends it. Layout: docs/format.md; clusters: docs/cluster.md."""
@@ -120,7 +147,7 @@ def generate(
     from dreamshard.engine.run import generate as run_generate
 
     ClusterWatchdog.hard_exit = True  # a lost cluster ends this process with one line, even if a Ray call blocks
-    summary = run_generate(load_config(config, GenerateConfig, sets), out, num_samples, address, force_new)
+    summary = run_generate(load_config(config, GenerateConfig, sets), out, num_samples, address, force_new, verify=verify)
     console.print(
         f"{summary.out}: {summary.samples} samples in {summary.shards} shards ({summary.bytes / 2**20:.1f} MiB); "
         f"generated {summary.images_generated} images in {summary.shards_generated} shards "
@@ -135,7 +162,7 @@ def generate(
 
 
 @app.command("plan")
-@user_errors
+@user_errors(kept=NOTHING)
 def plan(
     config: Path = typer.Argument(..., help="Generation config YAML (same as for `generate`)."),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
@@ -159,6 +186,7 @@ def plan(
         highlight=False,
     )
     console.print(f"generate would: {report.action} — {report.detail}", markup=False, highlight=False)
+    console.print(f"each worker needs about {report.memory_gib:.1f} GiB for one call's activations (half precision), besides the model", markup=False)
     if report.workers:
         console.print(report.workers, markup=False, highlight=False)
     prompts = Table(title=f"the first {len(report.first)} samples")
@@ -180,7 +208,7 @@ def plan(
 
 
 @app.command("inspect")
-@user_errors
+@user_errors(kept=NOTHING)
 def inspect(out: str = typer.Argument(..., help="A run directory (or fsspec URL) written by `dreamshard generate`.")) -> None:
     """Samples, shards, bytes and counts per class / template / style axis."""
     from dreamshard.tools.inspect import inspect_dataset, inspect_tables
@@ -190,7 +218,7 @@ def inspect(out: str = typer.Argument(..., help="A run directory (or fsspec URL)
 
 
 @app.command("verify")
-@user_errors
+@user_errors(kept=NOTHING)
 def verify(
     out: str = typer.Argument(..., help="A run directory (or fsspec URL) written by `dreamshard generate`."),
     decode: bool = typer.Option(True, "--decode/--no-decode", help="Decode every image (slower, catches corrupt images)."),
@@ -208,8 +236,35 @@ def verify(
     console.print(f"{out}: ok", markup=False)
 
 
+@app.command("repair")
+@user_errors(kept="a re-run of the same command goes on where it stopped")
+def repair(
+    out: str = typer.Argument(..., help="A run directory (or fsspec URL) written by `dreamshard generate`."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", help="The run's generation config: rewrites dreamshard.json from it (after checking the shards are its own)."
+    ),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    shards: bool = typer.Option(True, "--shards/--no-shards", help="Check every committed shard and un-commit damaged ones (reads every tar)."),
+) -> None:
+    """Bring a damaged run directory back: restore or rebuild dreamshard.json (from its copy, the commit
+    markers, or --config), un-commit damaged shards so `generate` makes them again, delete a damaged marker
+    snapshot and partial files. Sound committed shards are kept as they are."""
+    from dreamshard.tools.repair import repair_run
+
+    record = None
+    if config is not None:
+        from dreamshard.config import GenerateConfig, load_config
+        from dreamshard.engine.run import record_for
+
+        record = record_for(load_config(config, GenerateConfig, sets), out)
+    done = repair_run(out, record, check_shards=shards)
+    for line in done:
+        console.print(f"- {line}", highlight=False, soft_wrap=True, markup=False)
+    console.print(f"{out}: {'repaired' if done else 'nothing to repair'}", markup=False)
+
+
 @app.command("preview")
-@user_errors
+@user_errors(kept=NOTHING)
 def preview(
     out: str = typer.Argument(..., help="A run directory (or fsspec URL) written by `dreamshard generate`."),
     count: int = typer.Option(64, "-n", "--count", min=1, help="How many samples (the first ones)."),
@@ -222,7 +277,7 @@ def preview(
 
 
 @app.command("personalize")
-@user_errors
+@user_errors(kept="its checkpoints are kept (every output.checkpoint_every steps): a re-run of the same command resumes from the newest")
 def personalize(
     config: Path = typer.Argument(..., help="Personalisation config YAML (configs/personalize_datum.yaml, configs/personalize_lora.yaml)."),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
@@ -240,7 +295,7 @@ def personalize(
 
 
 @app.command("train")
-@user_errors
+@user_errors(kept="a re-run of the same command resumes from the newest checkpoint, if one was written")
 def train(
     config: Path = typer.Argument(..., help="Training config YAML (configs/train_dacs.yaml, configs/toy_dacs.yaml, ...)."),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
@@ -267,7 +322,7 @@ def train(
 
 
 @app.command("eval")
-@user_errors
+@user_errors(kept=NOTHING)
 def evaluate(
     config: Path = typer.Argument(..., help="The training config (its model and data.val sections are used)."),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint directory (OUTPUT/checkpoints/iter_N) or its model.safetensors."),
@@ -285,7 +340,7 @@ def evaluate(
 
 
 @app.command("toy-data")
-@user_errors
+@user_errors(kept="the output may be incomplete: remove it and re-run")
 def toy_data(
     out: Path = typer.Argument(..., help="Directory to write source/, target/ (shards) and target_val/ into."),
     seed: int = typer.Option(0, help="Seed of the scenes (same seed, same files)."),
@@ -302,7 +357,7 @@ def toy_data(
 
 
 @app.command("study")
-@user_errors
+@user_errors(kept="finished runs are kept: a re-run of the same command trains the rest")
 def study(
     config: Path = typer.Argument(..., help="Study config YAML (see configs/study_toy.yaml)."),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),

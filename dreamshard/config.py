@@ -579,7 +579,7 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[list[s
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set output.path=runs/x")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.load(raw, Loader=ConfigLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: value is not valid YAML ({one_line(exc)})") from None
         parsed.append((key.split("."), value))
@@ -609,16 +609,72 @@ def set_values(data: dict, values) -> dict:
     return data
 
 
+MAX_YAML_ALIASES = 100  # alias references in one config (`*name`): configs use a few; an alias bomb uses thousands
+MAX_YAML_NODES = 200_000  # values in a config once its aliases are expanded
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader with two checks a config needs: a key written twice in one mapping is an error (the
+    safe loader keeps the last, silently replacing a whole earlier section), and aliases are bounded (an
+    alias bomb, a few lines that expand to billions of values, is refused before anything reads them)."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases (*name): an alias bomb? write the values out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one section (lines {seen[key] + 1} and {key_node.start_mark.line + 1})", key_node.start_mark
+                )
+            if key != "<<":  # YAML merge keys may repeat
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(value, limit: int) -> int:
+    """Values in `value` with aliases expanded, counting stops just past `limit`."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
+def parse_yaml(text: str, source: str):
+    """A YAML document, with ConfigLoader's checks; any problem is one ConfigError line naming `source`."""
+    try:
+        data = yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({one_line(exc).removeprefix('while constructing a mapping ')})") from None
+    if _expanded_size(data, MAX_YAML_NODES) > MAX_YAML_NODES:
+        raise ConfigError(f"{source}: more than {MAX_YAML_NODES:,} values once its aliases are expanded (an alias bomb?); write the config out plainly")
+    return data
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found (pass the path of a YAML file, e.g. configs/quickstart.yaml)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({one_line(exc)})") from None
+        text = path.read_text(encoding="utf-8-sig")  # editors may save a byte-order mark
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config ({exc})") from None
+    data = parse_yaml(text, str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints these as one line and exits non-zero, without a traceback."""
 
+from __future__ import annotations
+
 
 class UserError(Exception):
     """Bad input the user can fix (config, paths, data). The message names the problem and the fix."""
@@ -20,6 +22,14 @@ class RunFailure(UserError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's cancel, `kill`): handled like Ctrl-C, exit 143."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, caught by a command that saved its work first: `kept` says what a re-run starts from."""
+
+    def __init__(self, kept: str, sigterm: bool) -> None:
+        super().__init__(kept)
+        self.kept, self.sigterm = kept, sigterm
 
 
 # Exit codes of every command: 0 done, 1 runtime failure, 2 bad input or config, 130 interrupted (SIGINT),
@@ -49,6 +59,47 @@ def on_sigterm_raise() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
+
+
+class DeferredInterrupts:
+    """Inside `with DeferredInterrupts():` a first Ctrl-C or SIGTERM is only recorded (`received`), so a loop
+    can stop at a clean point (a finished training iteration) and save its state; a second one raises at
+    once. Signal handlers can only be set in the main thread: elsewhere this records nothing."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> DeferredInterrupts:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _record(self, signum, frame) -> None:
+        import signal
+
+        if self.received is not None:  # the second: stop now
+            if signum == signal.SIGTERM:
+                _SIGNALS_RECEIVED.add(signum)
+                raise Terminated()
+            raise KeyboardInterrupt()
+        self.received = signum
+
+    @property
+    def sigterm(self) -> bool:
+        import signal
+
+        return self.received == signal.SIGTERM
 
 
 def one_line(exc: BaseException, last: bool = False, limit: int = 300) -> str:

@@ -102,7 +102,7 @@ def test_s3_generate_kill_resume_extend_verify_train_and_study(ray_cluster, tiny
     result = cli("train", str(train_file))
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "train" / "summary.json").read_text())
-    assert summary["iterations"] == 20 and summary["skipped"] == 0
+    assert summary["iterations"] == 20 and summary["skipped_shards"] == summary["skipped_samples"] == 0
 
     # 5. A study on the s3 run: subsets from its manifest on s3, and an extension by the engine to 64.
     from dreamshard.study import available_samples, run_study

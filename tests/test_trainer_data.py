@@ -111,7 +111,7 @@ def test_corrupt_shard_is_skipped_and_counted(run_dir, tmp_path):
     data = TrainDataConfig(crop_size=(SIZE, SIZE), batch_size=4, workers=0, max_bad_fraction=0.9)
     batches = list(train_loader("target", domain, data, labelled=False, seed=0, batches=30))
     assert len(batches) == 30  # training goes on
-    assert batches[-1]["skipped"] > 0
+    assert batches[-1]["skipped"][0] > 0  # (shards, samples) skipped
     # With the default budget (half the shards read), two bad shards of three stop the stream instead.
     with pytest.raises(DataError, match=r"target data: \d+ of \d+ shards read failed, more than data.max_bad_fraction \(0.5\)"):
         list(train_loader("target", domain, TrainDataConfig(crop_size=(SIZE, SIZE), batch_size=4, workers=0), labelled=False, seed=0, batches=30))

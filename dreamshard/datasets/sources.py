@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from dreamshard.config import SourceConfig
+from dreamshard.datasets.images import read_rgb_image
 from dreamshard.datasets.labels import CITYSCAPES_MAP, SYNTHIA_MAP, LabelMap, make_label_map, to_train_ids, train_id_map
 from dreamshard.errors import UserError
 
@@ -124,11 +125,8 @@ def resolve_label_map(config: SourceConfig) -> LabelMap:
 
 
 def read_rgb(path: Path) -> Image.Image:
-    try:
-        with _open_image(path) as image:
-            return image.convert("RGB")
-    except OSError as exc:
-        raise UserError(f"{path}: cannot decode image ({exc})") from None
+    """An item's image as 8-bit RGB, upright (datasets/images.py)."""
+    return read_rgb_image(path)
 
 
 def read_label(path: Path, first_channel: bool = False) -> np.ndarray:

@@ -14,7 +14,7 @@ from dreamshard.engine.conditioned import check_pairing, check_settings, require
 from dreamshard.engine.models import model_identity
 from dreamshard.engine.modes import mode_for
 from dreamshard.engine.plan import build_plan
-from dreamshard.engine.records import fingerprint_parts, resolved_config
+from dreamshard.engine.records import check_memory, fingerprint_parts, resolved_config
 from dreamshard.engine.run import checked_counts
 from dreamshard.errors import UserError
 from dreamshard.format.layout import RUN_RECORD
@@ -42,6 +42,7 @@ class PlanReport:
     counts: dict[str, Counter] = field(default_factory=dict)
     counted: int = 0
     workers: str = ""  # with --workers: how busy they would be
+    memory_gib: float = 0.0  # activations of one worker's call, roughly (records.activation_gib)
 
 
 def worker_load(shards_to_make: int, workers: int) -> str:
@@ -63,6 +64,7 @@ def dry_run(config: GenerateConfig, out: str | None = None, num_samples: int | N
     check_settings(config)
     source_note = _check_source(config)
     counts = checked_counts(config)
+    memory = check_memory(config)
     counted = min(config.run.num_samples, COUNT_LIMIT)
     specs = plan.specs(0, counted)
     tallies: dict[str, Counter] = {"class": Counter(), "template": Counter()}
@@ -84,6 +86,7 @@ def dry_run(config: GenerateConfig, out: str | None = None, num_samples: int | N
         out=config.output.path, samples=config.run.num_samples, shards=len(counts), samples_per_shard=config.output.shard_size,
         action=action, detail=detail, estimated_bytes=estimate, bytes_basis=basis, first=shown, counts=tallies, counted=counted,
         workers=worker_load(to_make, workers) if workers else "",
+        memory_gib=memory,
     )  # fmt: skip
 
 

@@ -253,6 +253,8 @@ class Plan:
                 "file_column": prompts.file_column,
                 "negative_prompt": prompts.negative_prompt,
             }
+            if self.file.read_differently:  # a BOM or a line separator inside a line: read as lines end at newlines
+                inputs["file_lines"] = "newline"
         else:
             inputs |= {
                 "token": prompts.token,
@@ -304,9 +306,12 @@ def _pair_axis(prompts: PromptsConfig, templates: list[Template]) -> str | None:
     return axis
 
 
+MAX_SIDE = 16384  # pixels: 8x SDXL's 2048; past this a typo is likelier than a plan
+
+
 def _size(value: int, name: str) -> int:
-    if value <= 0 or value % 8:
-        raise UserError(f"sampling.{name} = {value}: must be a positive multiple of 8, e.g. 512")
+    if value <= 0 or value % 8 or value > MAX_SIDE:
+        raise UserError(f"sampling.{name} = {value}: must be a positive multiple of 8 up to {MAX_SIDE}, e.g. 512")
     return value
 
 

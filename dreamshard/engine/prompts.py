@@ -58,6 +58,9 @@ class PromptFile:
     prompts: tuple[str, ...]
     extras: tuple[dict[str, Any], ...]  # per row: the columns other than the prompt column ({} for .txt)
     digest: str = field(repr=False)  # sha256 of the file's bytes: the content, not the path, fingerprints it
+    # True when the file holds what earlier versions of dreamshard read differently (a byte-order mark, a
+    # Unicode line separator inside a line): the plan fingerprint then says so, so their runs are not mixed in.
+    read_differently: bool = False
 
 
 # ------------------------------------------------------------------------------------------ templates
@@ -161,7 +164,9 @@ def check_weight(weight: float, where: str) -> None:
 
 def read_prompt_file(path: str | None, column: str) -> PromptFile:
     """Read a CLOUDS-style prompt file: .txt (one prompt a line; blank lines and `#` comments skipped),
-    .jsonl (one object a line) or .parquet, where `column` holds the prompt and other columns become extras."""
+    .jsonl (one object a line; blank lines and `#` or `//` comments skipped) or .parquet, where `column` holds
+    the prompt and other columns become extras. Text is UTF-8, with or without a byte-order mark; lines end at
+    newlines only (see `_lines`)."""
     if not path:
         raise UserError("prompts.recipe is 'file' but prompts.file is not set; point it at a .txt, .jsonl or .parquet")
     file = Path(path)
@@ -191,18 +196,23 @@ def read_prompt_file(path: str | None, column: str) -> PromptFile:
             raise UserError(f"prompts.file {path}: column 'file_row' is reserved for the row number; rename it")
         prompts.append(prompt.strip())
         extras.append({key: _jsonable(value) for key, value in row.items()})
-    return PromptFile(str(path), tuple(prompts), tuple(extras), hashlib.sha256(data).hexdigest())
+    return PromptFile(str(path), tuple(prompts), tuple(extras), hashlib.sha256(data).hexdigest(), read_differently=_read_differently(data))
+
+
+def _lines(data: bytes, path: str) -> list[str]:
+    """The file's lines as editors write them: split at newlines (a carriage return before one dropped) and
+    nowhere else, so a Unicode line or paragraph separator inside a prompt stays in that prompt."""
+    return [line.removesuffix("\r") for line in _decode(data, path).split("\n")]
 
 
 def _txt_rows(data: bytes, path: str) -> list[dict[str, Any]]:
-    lines = _decode(data, path).splitlines()
-    return [{"prompt": line.strip()} for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return [{"prompt": line.strip()} for line in _lines(data, path) if line.strip() and not line.lstrip().startswith("#")]
 
 
 def _jsonl_rows(data: bytes, path: str) -> list[dict[str, Any]]:
     rows = []
-    for number, line in enumerate(_decode(data, path).splitlines(), start=1):
-        if not line.strip():
+    for number, line in enumerate(_lines(data, path), start=1):
+        if not line.strip() or line.lstrip().startswith(("#", "//")):  # blank and comment lines
             continue
         try:
             row = json.loads(line)
@@ -223,9 +233,17 @@ def _parquet_rows(file: Path) -> list[dict[str, Any]]:
         raise UserError(f"prompts.file {file}: not a readable Parquet file ({one_line(exc)})") from None
 
 
+LINE_BREAKS_BUT_NEWLINE = ("\u2028", "\u2029", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85")  # str.splitlines() splits at these too
+
+
+def _read_differently(data: bytes) -> bool:
+    text = data.decode("utf-8", errors="replace")
+    return text.startswith("\ufeff") or any(mark in text for mark in LINE_BREAKS_BUT_NEWLINE)
+
+
 def _decode(data: bytes, path: str) -> str:
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark, as some editors save, is dropped
     except UnicodeDecodeError:
         raise UserError(f"prompts.file {path}: not UTF-8 text; save it as UTF-8") from None
 

@@ -61,6 +61,35 @@ def auto_shard_size(config: GenerateConfig) -> int:
     return max(1, min(MAX_AUTO_SHARD, max(-(-config.run.num_samples // TARGET_SHARDS), least), config.run.num_samples))
 
 
+MAX_DEVICE_GIB = 192.0  # more than any single accelerator holds: a plan that needs more is refused outright
+VAE_TILE = 512  # diffusers' default VAE tile size (pixels), with run.vae_tiling
+
+
+def activation_gib(config: GenerateConfig, bytes_per_value: int = 2) -> float:
+    """A rough peak of one worker's activations for one call at the plan's size (in half precision, as on a
+    GPU): the VAE decoder's full-resolution stage dominates (128 channels, about six tensors alive at once)
+    for every image decoded together (one with vae_slicing; tiles with vae_tiling), next to the UNet's widest
+    latent-resolution blocks (1280 channels, both guidance branches). Weights are not included."""
+    height, width, batch = config.sampling.height, config.sampling.width, config.run.batch_size
+    decoded = 1 if config.run.vae_slicing else batch
+    if config.run.vae_tiling:
+        height, width = min(height, VAE_TILE), min(width, VAE_TILE)
+    vae = decoded * height * width * 128 * 6 * bytes_per_value
+    unet = batch * 2 * (config.sampling.height // 8) * (config.sampling.width // 8) * 1280 * 10 * bytes_per_value
+    return max(vae, unet) / 2**30
+
+
+def check_memory(config: GenerateConfig) -> float:
+    """The activation estimate (GiB); UserError before any worker starts when no accelerator could hold it."""
+    need = activation_gib(config)
+    if need > MAX_DEVICE_GIB:
+        raise UserError(
+            f"sampling {config.sampling.width}x{config.sampling.height} at run.batch_size {config.run.batch_size} needs about {need:,.0f} GiB of "
+            f"activations per worker, more than any accelerator holds ({MAX_DEVICE_GIB:.0f} GiB); lower the size or the batch, or set run.vae_tiling"
+        )
+    return need
+
+
 def call_groups(config: GenerateConfig) -> int:
     """How many groups of samples a shard splits into for its pipeline calls, from the config alone."""
     steps = config.sampling.steps

@@ -10,6 +10,7 @@ run is recorded (stats.jsonl, the marker snapshot) and, when every shard is comm
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -23,15 +24,15 @@ from dreamshard.engine.driver import WORKER_CONCURRENCY, Driver, DriverReport, S
 from dreamshard.engine.models import model_identity
 from dreamshard.engine.plan import Plan, build_plan
 from dreamshard.engine.quality import check_clip_model
-from dreamshard.engine.records import resolved_config, run_identity, run_record, run_stats
+from dreamshard.engine.records import check_memory, resolved_config, run_identity, run_record, run_stats
 from dreamshard.engine.worker import GenerationWorker
 from dreamshard.errors import RunFailure, UserError
 from dreamshard.format.layout import shard_counts
 from dreamshard.format.lease import OutputLease
-from dreamshard.format.reader import committed_shards
+from dreamshard.format.reader import committed_shards, read_markers, read_shard, shard_size_of
 from dreamshard.format.rundir import RunDir, RunState, UnreadableIndex
 from dreamshard.format.store import Store
-from dreamshard.identity import Identity
+from dreamshard.identity import Identity, changes, describe
 from dreamshard.logs import StageProgress
 
 log = logging.getLogger(__name__)
@@ -75,14 +76,17 @@ def generate(
     force_new: bool = False,
     show_progress: bool = True,
     worker: type = GenerationWorker,
+    verify: bool = False,
 ) -> RunSummary:
     """Generate (or resume, or extend) the dataset `config` describes into `out` (default
     `config.output.path`). Bad input raises UserError before any worker starts; shards that still fail
     after their retries are listed in the summary's `failed_shards` (and no manifest is written). `worker`:
-    the actor class (GenerationWorker, or a subclass of it)."""
+    the actor class (GenerationWorker, or a subclass of it). `verify`: check every committed shard's tar
+    against its marker's sha256 (and its index file) before trusting it; damaged ones are made again."""
     started, started_at = time.perf_counter(), time.time()
     config = resolved_config(config, out, num_samples)
     counts = checked_counts(config)
+    check_memory(config)
     plan = build_plan(config.prompts, config.sampling, config.run.seed)
     conditioner = conditioner_for(config)  # conditioned modes: the source is pre-scanned here
     model_info = model_identity(config.model)
@@ -94,6 +98,8 @@ def generate(
         config.output.path = rundir.url
     with OutputLease(rundir.store, "generate") as lease:  # one writer per output, from before anything is cleaned up
         state = rundir.classify(identity, counts, config.output.shard_size)  # again, under the lease
+        if verify and state.done:
+            state = remake_damaged(rundir, state, identity, counts, config.output.shard_size)
         if state.action == "refuse":
             raise UserError(f"{rundir.url}: {state.reason}; {state.fix}")
         rundir.prepare(state, counts, run_record(config, plan, counts, identity, model_info, state.record))
@@ -126,6 +132,50 @@ def checked_counts(config: GenerateConfig) -> list[int]:
             "(raise output.samples_per_shard or lower num_samples)"
         )
     return shard_counts(config.run.num_samples, config.output.shard_size)
+
+
+def remake_damaged(rundir: RunDir, state: RunState, identity: Identity, counts: list[int], shard_size: int) -> RunState:
+    """--verify: un-commit the committed shards whose files are not what their markers say; the run then
+    makes them again."""
+    damaged = rundir.damaged(state.done)
+    for shard, problem in damaged.items():
+        log.warning("shard %d is damaged (%s); it is made again", shard, problem)
+        rundir.uncommit(shard)
+    return rundir.classify(identity, counts, shard_size) if damaged else state
+
+
+def record_for(config: GenerateConfig, out: str) -> dict:
+    """The run record `generate` would write for `config` at `out` (dreamshard repair --config), once the shards
+    there are shown to be this config's: each committed shard's first sample has the plan's prompt and class
+    and the weights' hash. The shard size comes from the shards themselves when the config says auto."""
+    shard_size = shard_size_of(read_markers(Store(out)))
+    given = config.output.samples_per_shard
+    if given not in ("auto", shard_size):
+        raise UserError(f"{out}: its shards hold {shard_size} samples each, the config {given}; repair with the config the run was made with")
+    config = resolved_config(config, out, None)
+    config.output.samples_per_shard = shard_size
+    counts = checked_counts(config)
+    plan = build_plan(config.prompts, config.sampling, config.run.seed)
+    conditioner = conditioner_for(config)
+    model_info = model_identity(config.model)
+    check_made_by(Store(out), plan, model_info, shard_size)
+    return run_record(config, plan, counts, run_identity(config, plan, model_info, conditioner), model_info, None)
+
+
+def check_made_by(store: Store, plan: Plan, model_info: dict, shard_size: int) -> None:
+    """UserError unless the first sample of every committed shard matches the plan and the weights."""
+    for shard in sorted(committed_shards(store, shard_size, use_snapshot=False)):
+        key, fields = next(iter(read_shard(store, shard)))
+        meta = json.loads(fields["json"])
+        spec = plan.spec(meta["index"])
+        if spec.template and "{classes}" in spec.template:
+            expected = {"template": spec.template, "class_name": spec.class_name}
+        else:
+            expected = {"prompt": spec.prompt, "class_name": spec.class_name}
+        expected["model hash"] = model_info["hash"]
+        found = {name: meta.get(name) for name in expected if name != "model hash"} | {"model hash": (meta.get("model") or {}).get("hash")}
+        if found != expected:
+            raise UserError(f"{store.url}: sample {key} was not made by this config ({describe(changes(found, expected))}); repair with the run's own config")
 
 
 def check_committed(report: DriverReport, committed: dict[int, dict]) -> None:

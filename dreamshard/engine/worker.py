@@ -34,6 +34,7 @@ from dreamshard.engine.generation import SampleStamp, check_scheduler_takes_eta,
 from dreamshard.engine.models import load_pipeline
 from dreamshard.engine.plan import SampleSpec
 from dreamshard.engine.quality import REASONS, QualityJudge
+from dreamshard.engine.records import activation_gib
 from dreamshard.errors import RunFailure, UserError
 from dreamshard.format.shards import ShardSample, ShardWriter
 from dreamshard.format.store import Store
@@ -73,6 +74,7 @@ class GenerationWorker:
         try:
             self.pipe = load_pipeline(config.model, config.mode, speed=config.run)
             check_scheduler_takes_eta(self.pipe.scheduler, config.sampling.eta)
+            check_fits(config, self.pipe.device)
             self._judge = QualityJudge(config, self.pipe.device) if QualityJudge.wanted(config) else None
         except Exception as exc:  # surfaced by ready(): the driver stops instead of restarting a doomed worker
             self._load_error = exc
@@ -204,6 +206,22 @@ class GenerationWorker:
         if exc.errno == errno.ENOSPC:
             return RunFailure(f"{message}; free space or choose another --out, then re-run to resume")
         return UserError(f"{message}; choose a writable output path with --out")
+
+
+def check_fits(config: GenerateConfig, device: torch.device) -> None:
+    """One line, before any shard, when a call's activations (records.activation_gib) cannot fit in what the
+    device has left after the model (a GPU) or in the machine's memory (a CPU)."""
+    if device.type == "cuda":
+        free = (torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_allocated(device)) / 2**30
+        need, where = activation_gib(config, 2), f"{device} ({free:.0f} GiB free after the model)"
+    else:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        need, where = activation_gib(config, 4), f"this machine's {free:.0f} GiB of memory"
+    if need > free:
+        raise UserError(
+            f"sampling {config.sampling.width}x{config.sampling.height} at run.batch_size {config.run.batch_size} needs about {need:.0f} GiB of "
+            f"activations, more than {where}; lower run.batch_size or the size, or set run.vae_slicing / run.vae_tiling"
+        )
 
 
 class _WriterThread:

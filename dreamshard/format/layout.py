@@ -6,6 +6,7 @@ shards/sizes.json               {"000000.tar": count, ...} (open_clip), written 
 index/000000.parquet            per-sample metadata of shard 0 (json fields + run facts)
 index/000000.commit.json        shard 0's commit marker, written LAST
 index/markers.json              a cache of the markers (one read instead of one per marker); never required
+index/run-record.json           a copy of dreamshard.json (dreamshard repair restores a damaged one from it)
 manifest.parquet                all index/*.parquet rows, written when the run completes
 stats.jsonl                     one record per generate call (run facts, not part of the dataset)
 .lease                          while a command writes the run: who holds it (format/lease.py)
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 FORMAT_VERSION = 3  # of the run directory layout; 2: worker/seconds left the sample json for the index; 3: nsfw, clip_score, attempts
 RUN_RECORD = "dreamshard.json"
+RECORD_COPY = "index/run-record.json"  # a copy of dreamshard.json, written with it: what `dreamshard repair` restores
 MANIFEST = "manifest.parquet"
 SIZES = "shards/sizes.json"
 MARKER_SNAPSHOT = "index/markers.json"  # cached copy of the commit markers (see reader.committed_shards)

@@ -99,6 +99,30 @@ def _parse_marker(data) -> dict | None:
     return marker if isinstance(marker, dict) else None
 
 
+def read_markers(store: Store) -> dict[int, dict]:
+    """Every commit marker file that parses as an object, unchecked: {shard: marker} (repair's raw material)."""
+    paths = {store.path(f"index/{name}"): int(match.group(1)) for name in store.list("index") if (match := _MARKER_NAME.match(name))}
+    contents = store.fs.cat(list(paths), on_error="return") if paths else {}
+    markers = {}
+    for path, data in contents.items():
+        marker, shard = _parse_marker(data), paths.get(path, paths.get(store.fs._strip_protocol(path)))
+        if marker is not None and shard is not None:
+            markers[shard] = marker
+    return markers
+
+
+def shard_size_of(markers: dict[int, dict]) -> int:
+    """samples_per_shard as the markers tell it (shard k starts at sample k x size); ValueError when they
+    disagree or say nothing."""
+    sizes = {marker.get("first_index", -1) // shard for shard, marker in markers.items() if shard > 0 and isinstance(marker.get("first_index"), int)}
+    sizes.discard(0)
+    if len(sizes) == 1:
+        return sizes.pop()
+    if not sizes and isinstance(markers.get(0, {}).get("count"), int):
+        return markers[0]["count"]
+    raise ValueError(f"the commit markers do not agree on a shard size ({sorted(sizes) or 'none'})")
+
+
 def committed_prefix(store: Store, samples_per_shard: int) -> int:
     """Samples in the committed prefix of a run (shards 0..k-1 all committed)."""
     committed = committed_shards(store, samples_per_shard)
@@ -137,6 +161,14 @@ def checked_run_record(store: Store) -> dict:
     record = read_run_record(store)
     if record is None:
         raise FileNotFoundError(store.url_of(RUN_RECORD))
+    problems = record_problems(record)
+    if problems:
+        raise BadRunRecord(f"{store.url_of(RUN_RECORD)} is not a valid run record ({'; '.join(problems)})")
+    return record
+
+
+def record_problems(record: dict) -> list[str]:
+    """What is wrong with a run record's fields every reader needs ([] when nothing)."""
     problems = []
     for name in ("samples_per_shard", "num_samples", "num_shards"):
         value = record.get(name)
@@ -147,9 +179,7 @@ def checked_run_record(store: Store) -> dict:
     for name in ("fingerprints", "fingerprint_parts", "model", "config"):
         if name in record and not isinstance(record[name], dict):
             problems.append(f"{name} is not an object")
-    if problems:
-        raise BadRunRecord(f"{store.url_of(RUN_RECORD)} is not a valid run record ({'; '.join(problems)})")
-    return record
+    return problems
 
 
 # ------------------------------------------------------------------------------------ manifest and index

@@ -7,6 +7,7 @@ both decide through `classify`, so they cannot disagree.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from dreamshard.format.layout import (
     MANIFEST,
     MARKER_SNAPSHOT,
     PARTIAL,
+    RECORD_COPY,
     RUN_RECORD,
     SIZES,
     STATS,
@@ -31,7 +33,7 @@ from dreamshard.format.layout import (
     shard_parquet,
     shard_tar,
 )
-from dreamshard.format.reader import SNAPSHOT_VERSION, BadRunRecord, committed_shards, read_run_record, snapshot_digest
+from dreamshard.format.reader import SNAPSHOT_VERSION, BadRunRecord, checked_run_record, committed_shards, read_run_record, record_problems, snapshot_digest
 from dreamshard.format.record import PARQUET_SCHEMA
 from dreamshard.format.shards import ShardSample, write_shard
 from dreamshard.format.store import Store
@@ -121,6 +123,10 @@ class RunDir:
             return RunState("refuse", "the output is not a dreamshard run directory (files but no dreamshard.json)", other_dataset=True, fix=ELSEWHERE), None
         if record is None:
             return None, None
+        problems = record_problems(record)
+        if problems:
+            reason = f"the output's {RUN_RECORD} is not a valid run record ({'; '.join(problems)})"
+            return RunState("refuse", reason, fix=f"`dreamshard repair {self.url}` rebuilds it, or write to another --out"), None
         digests, parts = record.get("fingerprints"), record.get("fingerprint_parts", {})
         if not isinstance(digests, dict) or not isinstance(parts, dict):
             reason = "the output's dreamshard.json holds no fingerprints (not written by `dreamshard generate`)"
@@ -145,13 +151,32 @@ class RunDir:
             for shard in sorted(set(state.committed) - set(state.done)):
                 self.uncommit(shard)
             self.clean_partials()
-            self._remove_uncommitted(state.done)
+            self.remove_uncommitted(state.done)
             if len(state.done) < len(counts):
                 self.remove_consolidated()
-            self.store.write_json(RUN_RECORD, record)
+            self.write_record(record)
             self.write_snapshot(state.done)
         except OSError as exc:
             raise UserError(f"cannot write to {self.url} ({exc.strerror or exc}); choose a writable output path with --out") from None
+
+    def write_record(self, record: dict) -> None:
+        """dreamshard.json, and its copy in index/ (what `dreamshard repair` restores a damaged one from)."""
+        self.store.write_json(RUN_RECORD, record)
+        self.store.write_json(RECORD_COPY, record)
+
+    def damaged(self, committed: dict[int, dict]) -> dict[int, str]:
+        """Committed shards whose files are not what their markers say: {shard: what is wrong}. Reads every
+        tar (its sha256) and index file: the full check, that the size check of every scan does not make."""
+        problems = {}
+        for shard, marker in sorted(committed.items()):
+            try:
+                if hashlib.sha256(self.store.read_bytes(shard_tar(shard))).hexdigest() != marker.get("tar_sha256"):
+                    problems[shard] = "its tar's sha256 differs from its marker"
+                elif pq.read_metadata(pa.BufferReader(self.store.read_bytes(shard_parquet(shard)))).num_rows != marker["count"]:
+                    problems[shard] = "its index file holds another number of samples"
+            except (OSError, ValueError, pa.ArrowException) as exc:
+                problems[shard] = f"a file is unreadable ({type(exc).__name__})"
+        return problems
 
     def uncommit(self, shard: int) -> None:
         """Forget a shard (its marker goes first, so a crash half-way leaves it uncommitted, never mixed)."""
@@ -169,14 +194,19 @@ class RunDir:
                     removed.append(rel)
         return removed
 
-    def _remove_uncommitted(self, done: dict[int, dict]) -> None:
+    def remove_uncommitted(self, keep: dict[int, dict] | None = None) -> list[str]:
         """Tar and Parquet files without a commit do not exist for readers of the contract, but a `*.tar`
-        glob would still see them: remove them."""
+        glob would still see them: remove them (all but `keep`'s, default: the committed shards); returns
+        their paths."""
+        keep = keep if keep is not None else committed_shards(self.store, checked_run_record(self.store)["samples_per_shard"])
+        removed = []
         for folder, suffix in (("shards", ".tar"), ("index", ".parquet")):
             for name in self.store.list(folder):
                 stem = name.removesuffix(suffix)
-                if name.endswith(suffix) and stem.isdigit() and int(stem) not in done:
+                if name.endswith(suffix) and stem.isdigit() and int(stem) not in keep:
                     self.store.remove(f"{folder}/{name}")
+                    removed.append(f"{folder}/{name}")
+        return removed
 
     def remove_consolidated(self) -> None:
         """Drop manifest and sizes.json while shards change, so no reader takes an unfinished run as complete."""
@@ -200,7 +230,10 @@ class RunDir:
             data = {"version": SNAPSHOT_VERSION, "digest": snapshot_digest(entries), "markers": entries}
             self.store.write_bytes(MARKER_SNAPSHOT, json.dumps(data, separators=(",", ":")).encode())
         except OSError as exc:  # the next scan reads the markers themselves
-            log.warning("could not write the marker snapshot on %s (%s)", self.url, exc)
+            log.warning(
+                "could not write %s (%s: %s); it is only a cache of the commit markers: delete whatever is at that path, the next run rewrites it",
+                self.store.url_of(MARKER_SNAPSHOT), type(exc).__name__, exc,
+            )  # fmt: skip
 
     def append_stats(self, record: dict) -> None:
         """Append one line to OUT/stats.jsonl (rewritten whole: object stores cannot append)."""
@@ -250,8 +283,9 @@ def write_dataset(
     counts = shard_counts(len(samples), samples_per_shard)
     for shard in range(len(counts)):
         write_shard(store, shard, samples[shard * samples_per_shard : (shard + 1) * samples_per_shard], image_format, quality)
-    RunDir(store).consolidate(counts)
-    store.write_json(RUN_RECORD, {
+    rundir = RunDir(store)
+    rundir.consolidate(counts)
+    rundir.write_record({
         "format_version": FORMAT_VERSION, "num_samples": len(samples), "samples_per_shard": samples_per_shard,
         "num_shards": len(counts), "image_format": image_format, "layout": LAYOUT, "fingerprints": {}, "model": {},
         **(record or {}),

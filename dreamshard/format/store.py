@@ -27,12 +27,37 @@ from dreamshard.format.layout import FOLDERS, PARTIAL
 # fsspec protocol -> the dreamshard install extra that brings its filesystem package
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
+# Deadlines of every object-store request (environment variables override them, in every process): an endpoint
+# that refuses connections fails at once, one that accepts them and never answers within about
+# STORE_RETRIES x STORE_READ_TIMEOUT_S seconds. A large upload is many requests, each with these deadlines.
+STORE_CONNECT_TIMEOUT_S = float(os.environ.get("DREAMSHARD_STORE_CONNECT_TIMEOUT_S", 10))
+STORE_READ_TIMEOUT_S = float(os.environ.get("DREAMSHARD_STORE_READ_TIMEOUT_S", 30))
+STORE_RETRIES = int(os.environ.get("DREAMSHARD_STORE_RETRIES", 3))
+
+
+def storage_options(protocol: str) -> dict[str, Any]:
+    """fsspec options that give each request of a protocol a deadline."""
+    if protocol in ("s3", "s3a"):
+        timeouts = {"connect_timeout": STORE_CONNECT_TIMEOUT_S, "read_timeout": STORE_READ_TIMEOUT_S, "retries": {"max_attempts": 1}}
+        return {"config_kwargs": timeouts}  # s3fs retries the request itself (STORE_RETRIES, set on the instance)
+    if protocol in ("gs", "gcs"):
+        return {"timeout": STORE_CONNECT_TIMEOUT_S + STORE_READ_TIMEOUT_S}
+    if protocol in ("http", "https"):
+        import aiohttp
+
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(connect=STORE_CONNECT_TIMEOUT_S, sock_read=STORE_READ_TIMEOUT_S)}}
+    return {}
+
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path) of a URL or local path, listings cache off; a missing filesystem package is one
-    line naming the extra to install."""
+    """(filesystem, path) of a URL or local path, listings cache off, requests with deadlines; a missing
+    filesystem package is one line naming the extra to install."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
     try:
-        return fsspec.core.url_to_fs(url, use_listings_cache=False)
+        fs, path = fsspec.core.url_to_fs(url, use_listings_cache=False, **storage_options(protocol))
+        if hasattr(fs, "retries"):  # s3fs: its own retry loop around each request
+            fs.retries = STORE_RETRIES
+        return fs, path
     except ImportError as exc:
         protocol = url.split("://", 1)[0]
         extra = EXTRAS.get(protocol)
@@ -154,6 +179,24 @@ STAMP_FIELDS = ("ETag", "etag", "md5Hash", "generation", "LastModified", "update
 def _stamp(entry: dict) -> str:
     """What identifies this version of a listed file: every field of the listing that changes on a rewrite."""
     return "/".join(str(entry[name]) for name in STAMP_FIELDS if entry.get(name) is not None)
+
+
+# Where the exceptions of object-store clients come from: none of them is an OSError (botocore's connection
+# errors, aiohttp's, google-auth's), so they are recognised by module.
+STORE_ERROR_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google", "urllib3", "requests", "fsspec")
+
+
+def store_error(exc: BaseException) -> str | None:
+    """One line for an error of an object store's client (unreachable, silent, refused, a bad bucket name,
+    credentials), else None."""
+    module = type(exc).__module__ or ""
+    if not module.startswith(STORE_ERROR_MODULES) and not isinstance(exc, (TimeoutError, ConnectionError)):
+        return None
+    s3 = module.startswith(("botocore", "aiobotocore", "s3fs"))
+    endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "S3") if s3 else "the store"
+    check = "the endpoint (AWS_ENDPOINT_URL), the bucket name, the credentials" if s3 else "the URL, the credentials"
+    text = " ".join(str(exc).split())[:240] or type(exc).__name__
+    return f"cannot use {endpoint} ({type(exc).__name__}: {text}); check {check} and the network, then re-run the same command"
 
 
 def json_bytes(data: Any) -> bytes:

@@ -35,6 +35,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from dreamshard.config import PersonalizeConfig, dump_config
+from dreamshard.datasets.images import read_rgb_image
 from dreamshard.engine.models import LORA_MANIFEST, load_base_pipeline, load_pipeline, resolve_model_path
 from dreamshard.errors import UserError, one_line
 from dreamshard.format.layout import LEASE, PARTIAL
@@ -222,11 +223,8 @@ def load_images(images: str | list[str]) -> list[Image.Image]:
 
 
 def _read_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"cannot read image {path} ({type(exc).__name__}: {one_line(exc, limit=120)}); replace or remove it") from None
+    """A target or class image as 8-bit RGB, upright (EXIF orientation), 16-bit grey scaled; see datasets/images.py."""
+    return read_rgb_image(path)
 
 
 def image_tensor(image: Image.Image) -> torch.Tensor:
@@ -449,6 +447,8 @@ def _claim_output(out: Path, config: PersonalizeConfig) -> None:
             raise UserError(
                 f"{out} holds a personalisation run with a different config ({describe(changed)}); re-run with the same config to resume, or choose a new output.path"
             )
+        for partial in out.glob(f".*{PARTIAL}"):  # what a killed checkpoint or final write left
+            shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink()
         return
     if out.exists() and set(p.name for p in out.iterdir()) - {LEASE}:
         raise UserError(f"output {out} exists and is not a personalisation run; choose a new output.path or remove it")

@@ -20,6 +20,16 @@ from dreamshard.format.record import JSON_FIELDS, json_fields
 from dreamshard.format.store import Store, json_bytes
 from dreamshard.logs import StageProgress
 
+# How to mend each problem (every line of verify names its fix).
+REPAIR = "`dreamshard repair OUT` un-commits it, then `dreamshard generate` with the run's config makes it again"
+CONSOLIDATE = "`dreamshard generate` with the run's config rewrites it (every shard is committed: it makes no image)"
+REPAIR_LEFTOVERS = "`dreamshard repair OUT` deletes it"
+
+
+def remake(shard: int) -> str:
+    """The fix for a shard committed with wrong content (its files match its marker, so repair keeps it)."""
+    return f"delete {shard_marker(shard)} and run `dreamshard generate` with the run's config: it makes the shard again"
+
 
 def verify_dataset(out: str | Path, decode_images: bool = True) -> list[str]:
     """Every problem found (empty: the run directory is complete and consistent): every planned shard
@@ -32,7 +42,7 @@ def verify_dataset(out: str | Path, decode_images: bool = True) -> list[str]:
     except FileNotFoundError:
         raise UserError(f"{out} is not a dreamshard run directory (no dreamshard.json); pass the output of `dreamshard generate`") from None
     except BadRunRecord as exc:
-        return [f"{exc}; nothing else can be checked without it: re-run `dreamshard generate` with the run's config to rewrite it"]
+        return [f"{exc}; nothing else can be checked without it: `dreamshard repair {out}` restores or rebuilds it"]
     size, image_format = record["samples_per_shard"], record["image_format"]
     counts = shard_counts(record["num_samples"], size)
     committed = committed_shards(store, size, use_snapshot=False)  # every marker read: verify trusts no cache
@@ -44,11 +54,11 @@ def verify_dataset(out: str | Path, decode_images: bool = True) -> list[str]:
             if shard in committed:
                 _verify_committed(store, shard, committed[shard], count, size, image_format, decode_images, problems, tar_rows, fields_seen)
             else:
-                problems.append(f"shard {shard}: not committed (no valid {shard_marker(shard)})")
+                problems.append(f"shard {shard}: not committed (no valid {shard_marker(shard)}); `dreamshard generate` with the run's config makes it")
             progress.update(shard + 1, f"{len(problems)} problem(s) so far")
     problems += _verify_consolidated(store, counts, tar_rows, complete=len(committed) >= len(counts))
     problems += _stray_files(store, len(counts), committed)
-    return problems
+    return [problem.replace("repair OUT", f"repair {out}") for problem in problems]
 
 
 def _verify_snapshot(store: Store, committed: dict[int, dict]) -> list[str]:
@@ -81,27 +91,27 @@ def _verify_snapshot(store: Store, committed: dict[int, dict]) -> list[str]:
 def _verify_committed(store, shard, marker, count, size, image_format, decode_images, problems, tar_rows, fields_seen) -> None:
     """One committed shard against its marker, the plan and its index file (appends problems, json rows)."""
     if marker["count"] != count:
-        problems.append(f"shard {shard}: marker counts {marker['count']} samples, the plan {count}")
+        problems.append(f"shard {shard}: marker counts {marker['count']} samples, the plan {count}; {remake(shard)}")
     found = _verify_shard(store, shard, marker, image_format, decode_images, problems)
     keys = [key for key, _ in found]
     expected_keys = [sample_key(index) for index in range(shard * size, shard * size + count)]
     if keys != expected_keys:
-        problems.append(f"shard {shard}: keys are not {expected_keys[0]}..{expected_keys[-1]} in order ({len(keys)} samples)")
+        problems.append(f"shard {shard}: keys are not {expected_keys[0]}..{expected_keys[-1]} in order ({len(keys)} samples); {remake(shard)}")
     for key, fields in found:
         if not fields_seen:
             fields_seen.append(set(fields))
         if set(fields) != fields_seen[0]:
-            problems.append(f"sample {key}: fields {sorted(fields)} differ from {sorted(fields_seen[0])}")
+            problems.append(f"sample {key}: fields {sorted(fields)} differ from {sorted(fields_seen[0])}; {remake(shard)}")
         if key in tar_rows:
-            problems.append(f"sample {key}: duplicate key")
+            problems.append(f"sample {key}: duplicate key; {remake(shard)}")
         tar_rows[key] = fields.get("json", {})
     try:
         parquet_keys = pq.read_table(store.open(shard_parquet(shard)), columns=["key"]).column("key").to_pylist()
     except (OSError, ValueError, pa.ArrowException) as exc:
-        problems.append(f"shard {shard}: {shard_parquet(shard)} unreadable ({one_line(exc, limit=120)}); delete its marker and re-run generate")
+        problems.append(f"shard {shard}: {shard_parquet(shard)} unreadable ({one_line(exc, limit=120)}); {REPAIR}")
         return
     if parquet_keys != keys:
-        problems.append(f"shard {shard}: {shard_parquet(shard)} lists other keys than the tar")
+        problems.append(f"shard {shard}: {shard_parquet(shard)} lists other keys than the tar; {remake(shard)}")
 
 
 def _verify_shard(store, shard, marker, image_format, decode_images, problems) -> list[tuple[str, dict]]:
@@ -110,30 +120,32 @@ def _verify_shard(store, shard, marker, image_format, decode_images, problems) -
     try:
         digest = hashlib.sha256(store.read_bytes(shard_tar(shard))).hexdigest()
         if digest != marker.get("tar_sha256"):
-            problems.append(f"shard {shard}: tar sha256 differs from its marker (changed after commit?)")
+            problems.append(f"shard {shard}: tar sha256 differs from its marker (changed after commit); {REPAIR}")
         for key, raw in read_shard(store, shard):
             fields: dict = dict.fromkeys(raw)
             meta = json.loads(raw["json"]) if "json" in raw else {}
             fields["json"] = meta
             if not isinstance(meta, dict) or tuple(meta) != JSON_FIELDS:
-                problems.append(f"sample {key}: json fields {list(meta)} are not the contract's {list(JSON_FIELDS)}")
+                problems.append(f"sample {key}: json fields {list(meta)} are not the contract's {list(JSON_FIELDS)}; {remake(shard)}")
             elif (meta["key"], meta["shard"]) != (key, shard) or sample_key(meta["index"]) != key:
-                problems.append(f"sample {key}: json key/index/shard ({meta['key']}, {meta['index']}, {meta['shard']}) disagree with its place")
+                problems.append(
+                    f"sample {key}: json key/index/shard ({meta['key']}, {meta['index']}, {meta['shard']}) disagree with its place; {remake(shard)}"
+                )
             if raw.get("txt", b"").decode() != meta.get("prompt"):
-                problems.append(f"sample {key}: txt differs from json prompt")
+                problems.append(f"sample {key}: txt differs from json prompt; {remake(shard)}")
             if image_format not in raw:
-                problems.append(f"sample {key}: no {image_format} image")
+                problems.append(f"sample {key}: no {image_format} image; {remake(shard)}")
             elif decode_images:
                 try:
                     Image.open(io.BytesIO(raw[image_format])).load()
                 except (OSError, ValueError, Image.DecompressionBombError) as exc:
-                    problems.append(f"sample {key}: image does not decode ({one_line(exc, limit=120)})")
+                    problems.append(f"sample {key}: image does not decode ({one_line(exc, limit=120)}); {remake(shard)}")
                 else:
                     if not (isinstance(meta, dict) and meta.get("nsfw")):  # flagged and kept: a black frame on purpose
                         _check_not_blank(key, raw[image_format], problems)
             found.append((key, fields))
     except (OSError, tarfile.TarError, ValueError, KeyError, TypeError) as exc:
-        problems.append(f"shard {shard}: unreadable ({type(exc).__name__}: {one_line(exc, limit=160)})")
+        problems.append(f"shard {shard}: unreadable ({type(exc).__name__}: {one_line(exc, limit=160)}); {REPAIR}")
     return found
 
 
@@ -151,25 +163,25 @@ def _verify_consolidated(store: Store, counts: list[int], tar_rows: dict[str, di
         return []
     problems: list[str] = []
     if not store.exists(MANIFEST):
-        return [f"{MANIFEST} missing (re-run `dreamshard generate` with the same config to write it)"]
+        return [f"{MANIFEST} missing; {CONSOLIDATE}"]
     try:
         rows = manifest_rows(pq.read_table(store.open(MANIFEST)))
     except (OSError, ValueError, pa.ArrowException) as exc:
         rows = []
-        problems.append(f"{MANIFEST} unreadable ({one_line(exc, limit=120)}); delete it and re-run `dreamshard generate` with the same config")
+        problems.append(f"{MANIFEST} unreadable ({one_line(exc, limit=120)}); {CONSOLIDATE}")
     keys = [row["key"] for row in rows]
     if keys != [sample_key(index) for index in range(sum(counts))]:
-        problems.append(f"{MANIFEST}: keys are not unique and contiguous 0..{sum(counts) - 1} ({len(keys)} rows)")
+        problems.append(f"{MANIFEST}: keys are not unique and contiguous 0..{sum(counts) - 1} ({len(keys)} rows); {CONSOLIDATE}")
     mismatched = [row["key"] for row in rows if tar_rows.get(row["key"]) != json_fields(row)]
     if mismatched:
-        problems.append(f"{MANIFEST}: {len(mismatched)} row(s) differ from the tar json, e.g. {mismatched[0]}")
+        problems.append(f"{MANIFEST}: {len(mismatched)} row(s) differ from the tar json, e.g. {mismatched[0]}; {CONSOLIDATE}")
     expected_sizes = {Path(shard_tar(shard)).name: count for shard, count in enumerate(counts)}
     try:
         sizes = store.read_json(SIZES) if store.exists(SIZES) else None
     except (OSError, ValueError):
         sizes = "unreadable"
     if sizes != expected_sizes:
-        problems.append(f"{SIZES} missing, unreadable or not equal to the shard counts")
+        problems.append(f"{SIZES} missing, unreadable or not equal to the shard counts; {CONSOLIDATE}")
     return problems
 
 
@@ -178,7 +190,7 @@ def _stray_files(store: Store, num_shards: int, committed: dict[int, dict]) -> l
     for name in store.list("shards"):
         stem = name.removesuffix(".tar")
         if name.endswith(".tar") and not (stem.isdigit() and int(stem) < num_shards and int(stem) in committed):
-            problems.append(f"shards/{name}: a tar without a commit (readers globbing *.tar would read it)")
+            problems.append(f"shards/{name}: a tar without a commit (readers globbing *.tar would read it); {REPAIR_LEFTOVERS}")
     for folder in ("shards", "index"):
-        problems += [f"{folder}/{name}: partial file left by an interrupted run" for name in store.list(folder) if name.endswith(PARTIAL)]
+        problems += [f"{folder}/{name}: partial file left by an interrupted run; {REPAIR_LEFTOVERS}" for name in store.list(folder) if name.endswith(PARTIAL)]
     return problems

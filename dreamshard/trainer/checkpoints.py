@@ -6,6 +6,7 @@ A checkpoint is built under a temporary name and renamed into place, so one that
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -20,8 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dreamshard.config import TrainConfig
-from dreamshard.errors import UserError, one_line
-from dreamshard.format.layout import LEASE
+from dreamshard.errors import RunFailure, UserError, one_line
+from dreamshard.format.layout import LEASE, PARTIAL
 from dreamshard.format.store import atomic_path, atomic_write_json, numbered_dirs
 from dreamshard.identity import changes, describe, flatten
 from dreamshard.trainer.methods import unwrap
@@ -46,8 +47,24 @@ class TrainState:
 
 
 def save_checkpoint(folder: Path, state: TrainState, config: TrainConfig) -> Path:
-    """Write `iter_N/` atomically, keep the newest `keep_checkpoints`; returns its path."""
+    """Write `iter_N/` atomically, keep the newest `keep_checkpoints`; returns its path. A write that fails
+    (a full disk) leaves the checkpoints before it as they were and is one RunFailure line."""
     final = folder / f"iter_{state.iteration:07d}"
+    try:
+        _write_checkpoint(final, state, config)
+    except (OSError, SafetensorError, RuntimeError) as exc:
+        full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc) or "code: 28" in str(exc)
+        what = "no space left on the device" if full else one_line(exc, limit=160)
+        raise RunFailure(
+            f"cannot write checkpoint {final} ({what}); {'free space' if full else 'fix the output folder'}, then re-run the same command: "
+            "it resumes from the newest complete checkpoint"
+        ) from None
+    for old in list_checkpoints(folder)[: -config.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(final: Path, state: TrainState, config: TrainConfig) -> None:
     with atomic_path(final) as tmp:
         tmp.mkdir()
         save_file(_contiguous(state.model.state_dict()), tmp / "model.safetensors")
@@ -57,9 +74,6 @@ def save_checkpoint(folder: Path, state: TrainState, config: TrainConfig) -> Pat
         torch.save(extra, tmp / "optimizer.pt")
         info = {"iteration": state.iteration, "num_classes": config.model.num_classes, "backbone": config.model.backbone, "method": config.method}
         (tmp / STATE).write_text(json.dumps(info, indent=2) + "\n")
-    for old in list_checkpoints(folder)[: -config.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def save_best(folder: Path, model: torch.nn.Module, iteration: int, metrics: dict, config: TrainConfig) -> Path:
@@ -200,6 +214,15 @@ def claim_output(out: Path, config: TrainConfig, restart: bool, main: bool) -> N
             raise UserError(f"{out} already trained past max_iters={config.max_iters} ({latest.name}); raise max_iters, or pass --restart")
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        for folder in (out, out / "checkpoints", out / "eval"):
+            remove_partials(folder)
+
+
+def remove_partials(folder: Path) -> None:
+    """What a killed write left: checkpoints and records still under their temporary names."""
+    for partial in folder.glob(f".*{PARTIAL}"):
+        shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
+        log.info("removed %s (a checkpoint write that did not finish)", partial)
 
 
 def record_settings(out: Path, config: TrainConfig) -> None:

@@ -9,6 +9,7 @@ carries its worker's count), never retried or slept on.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -33,7 +34,7 @@ from dreamshard.datasets.labels import IGNORE_INDEX
 from dreamshard.datasets.sources import LabelledSource, open_source, scan
 from dreamshard.errors import RunFailure, UserError, one_line
 from dreamshard.format.layout import LABEL_FIELD, RUN_RECORD, shard_tar
-from dreamshard.format.reader import committed_shards, read_run_record, subset_keys, tar_samples
+from dreamshard.format.reader import BadRunRecord, checked_run_record, committed_shards, subset_keys, tar_samples
 from dreamshard.format.store import Store, atomic_write, filesystem, is_url
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def pad_to(pixels: np.ndarray, label: np.ndarray | None, crop: tuple[int, int]):
     return pixels, label
 
 
-def collate(samples: list[tuple[torch.Tensor, torch.Tensor | None]], skipped: int = 0) -> dict:
+def collate(samples: list[tuple[torch.Tensor, torch.Tensor | None]], skipped: tuple[int, int] = (0, 0)) -> dict:
     batch = {"image": torch.stack([s[0] for s in samples])}
     if samples[0][1] is not None:
         batch["label"] = torch.stack([s[1] for s in samples])
@@ -214,12 +215,17 @@ def _is_file(url: str) -> bool:
 
 def _run_dir_shards(store: Store, subset: int | None, order: str = "manifest") -> tuple[list[str], set[str] | None]:
     root = store.url
-    record = read_run_record(store)
-    if record is None:
-        raise UserError(f"{root} is not a dreamshard run directory (no dreamshard.json); pass a glob of its .tar files instead")
-    committed = committed_shards(store, int(record.get("samples_per_shard", 1)))
+    record = _run_record(store)
+    committed = committed_shards(store, record["samples_per_shard"])
     if not committed:
         raise UserError(f"no shards matched in {root}: no committed shard yet (run `dreamshard generate` first)")
+    markers = sum(1 for name in store.list("index") if name.endswith(".commit.json"))
+    if markers > len(committed):
+        log.warning(
+            "%s: %d of its %d commit markers do not match their files or the run record (samples_per_shard %d); those shards are left out: "
+            "`dreamshard verify %s` names them",
+            root, markers - len(committed), markers, record["samples_per_shard"], root,
+        )  # fmt: skip
     if subset is None:
         return [store.url_of(shard_tar(s)) for s in sorted(committed)], None
     try:
@@ -232,6 +238,28 @@ def _run_dir_shards(store: Store, subset: int | None, order: str = "manifest") -
     return [store.url_of(shard_tar(s)) for s in shards], keys
 
 
+def _run_record(store: Store) -> dict:
+    try:
+        return checked_run_record(store)
+    except FileNotFoundError:
+        raise UserError(f"{store.url} is not a dreamshard run directory (no dreamshard.json); pass a glob of its .tar files instead") from None
+    except BadRunRecord as exc:
+        raise UserError(f"{exc}; `dreamshard repair {store.url}` restores or rebuilds it") from None
+
+
+def expected_counts(path: str) -> dict[str, int] | None:
+    """{shard url: samples} from a run directory's commit markers (None for globs, patterns and pipes)."""
+    path = path.strip()
+    if path.startswith("pipe:") or any(ch in path for ch in "*?[{"):
+        return None
+    store = Store(path if is_url(path) else str(Path(path).expanduser()))
+    try:
+        record = checked_run_record(store)
+    except (FileNotFoundError, BadRunRecord, OSError):
+        return None
+    return {store.url_of(shard_tar(shard)): marker["count"] for shard, marker in committed_shards(store, record["samples_per_shard"]).items()}
+
+
 class DataError(RunFailure):
     """A training stream that cannot go on: every shard failed, too many did, or no sample is usable."""
 
@@ -242,29 +270,35 @@ MAX_UNUSABLE_SAMPLES = 64  # samples read with none usable before the stream giv
 
 class StreamHealth:
     """Webdataset error handler of one domain's stream (per DataLoader worker): a bad shard or sample is
-    skipped, counted and logged (the first few), until the budget is spent: every shard failed, more than
-    `max_bad_fraction` of the shards read so far, or no usable sample at all. Then DataError, never a
-    busy loop on a stream that cannot yield a batch."""
+    skipped, counted and logged (each shard once, named), until the budget is spent: no shard yielded a
+    sample after several failed, more than `max_bad_fraction` of the shards read so far failed, or no sample
+    is usable at all. Then DataError, never a busy loop on a stream that cannot yield a batch. Shards are
+    judged as shards (a shard is good once it yields a sample), so samples a shuffle buffer holds back do not
+    make a good stream look dead."""
 
     def __init__(self, domain: str, max_bad_fraction: float, num_shards: int):
         self.domain, self.max_bad_fraction = domain, max_bad_fraction
-        self.all_failed_after = min(MIN_SHARD_ATTEMPTS, max(num_shards, 1))  # failures with no sample: all bad
-        self.shards = self.bad_shards = self.samples = self.bad_samples = 0
+        self.all_failed_after = min(MIN_SHARD_ATTEMPTS, max(num_shards, 1))  # failures with no good shard: all bad
+        self.shards = self.bad_shards = self.good_shards = self.short_shards = self.samples = self.bad_samples = 0
         self.first_error = ""
+        self._named: set[str] = set()  # shards already warned about (a resampled stream draws them again)
 
     @property
-    def count(self) -> int:
-        """Skipped shards and samples (reported in each batch)."""
-        return self.bad_shards + self.bad_samples
+    def skipped(self) -> tuple[int, int]:
+        """(shards skipped or cut short, samples skipped), reported in each batch."""
+        return self.bad_shards + self.short_shards, self.bad_samples
 
     def shard_opened(self) -> None:
         self.shards += 1
 
-    def shard_failed(self, exc: Exception) -> bool:
+    def shard_good(self) -> None:
+        self.good_shards += 1
+
+    def shard_failed(self, exc: Exception, url: str = "") -> bool:
         self.bad_shards += 1
         self.shards = max(self.shards, self.bad_shards)
-        self._note(exc, "shard")
-        if self.samples == 0 and self.bad_shards >= self.all_failed_after:
+        self._note(exc, "shard", url)
+        if self.good_shards == 0 and self.bad_shards >= self.all_failed_after:
             raise DataError(f"{self.domain} data: every shard read failed ({self.bad_shards} of {self.shards}); first error: {self.first_error}")
         if self.shards >= MIN_SHARD_ATTEMPTS and self.bad_shards > self.max_bad_fraction * self.shards:
             raise DataError(
@@ -272,6 +306,13 @@ class StreamHealth:
                 f"({self.max_bad_fraction}); first error: {self.first_error}"
             )
         return True
+
+    def shard_short(self, url: str, read: int, expected: int) -> None:
+        """A shard that ended cleanly but early (a tar cut at a member boundary): its samples are used."""
+        self.short_shards += 1
+        if url not in self._named:
+            self._named.add(url)
+            log.warning("%s data: shard %s holds %d of the %d samples its commit marker counts (truncated?); using those", self.domain, url, read, expected)
 
     def sample_decoded(self) -> None:
         self.samples += 1
@@ -286,32 +327,45 @@ class StreamHealth:
             raise DataError(f"{self.domain} data: none of the first {self.bad_samples} samples is usable; {reason}")
         return True
 
-    def _note(self, exc: Exception, what: str) -> None:
+    def _note(self, exc: Exception, what: str, url: str = "") -> None:
         # webdataset appends (stream, url) to the exception's args: name the url, not the stream object.
         text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else one_line(exc, limit=200)
-        url = exc.args[-1] if len(exc.args) > 1 and isinstance(exc.args[-1], str) else ""
+        url = url or (exc.args[-1] if len(exc.args) > 1 and isinstance(exc.args[-1], str) else "")
         text = f"{type(exc).__name__}: {text[:200]}" + (f" in {url}" if url else "")
         self.first_error = self.first_error or text
-        if self.count <= 3:
-            log.warning("%s data: skipped a corrupt %s (%s)", self.domain, what, text)
+        if what == "shard" and url not in self._named:
+            self._named.add(url)
+            log.warning("%s data: skipped shard %s (%s)", self.domain, url or "?", text)
+        elif what == "sample" and self.bad_samples <= 3:
+            log.warning("%s data: skipped a corrupt sample (%s)", self.domain, text)
 
 
 class MissingLabel(ValueError):
     pass
 
 
-def shard_samples(urls, health: StreamHealth, access: ShardAccess):
-    """Webdataset stage: dicts with `url` → sample dicts (key + fields) of each shard, through fsspec."""
+def shard_samples(urls, health: StreamHealth, access: ShardAccess, expected: dict[str, int] | None = None):
+    """Webdataset stage: dicts with `url` → sample dicts (key + fields) of each shard, through fsspec. With
+    `expected` ({url: samples}, from a run directory's commit markers) a shard that ends early is named."""
     for item in urls:
+        url = item["url"]
         health.shard_opened()
         try:
-            stream = access.open(item["url"])
+            stream = access.open(url)
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 - counted; StreamHealth stops the stream past its budget
-            health.shard_failed(exc)
+            health.shard_failed(exc, url)
             continue
-        yield from tar_samples([(item["url"], stream)], handler=health.shard_failed)
+        read, failures = 0, health.bad_shards
+        for sample in tar_samples([(url, stream)], handler=functools.partial(health.shard_failed, url=url)):
+            read += 1
+            if read == 1:
+                health.shard_good()
+            yield sample
+        want = (expected or {}).get(url)
+        if want and read < want and health.bad_shards == failures:  # ended early without an error
+            health.shard_short(url, read, want)
 
 
 def shard_pipeline(
@@ -325,6 +379,7 @@ def shard_pipeline(
     domain: str,
     max_bad_fraction: float = 0.5,
     access: ShardAccess = ShardAccess(),
+    expected: dict[str, int] | None = None,
 ) -> wds.DataPipeline:
     """An endless stream of batches from shards (per rank and worker)."""
     health = StreamHealth(domain, max_bad_fraction, len(urls))
@@ -333,14 +388,14 @@ def shard_pipeline(
         stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
     else:
         stages = [wds.SimpleShardList(urls), _check_split, wds.split_by_node, wds.split_by_worker]
-    stages.append(lambda items: shard_samples(items, health, access))
+    stages.append(lambda items: shard_samples(items, health, access, expected))
     if keys is not None:
         stages.append(wds.select(lambda sample: sample["__key__"] in keys))
     if spec.shuffle_buffer:
         stages.append(wds.shuffle(spec.shuffle_buffer, initial=min(100, spec.shuffle_buffer), seed=seed))
     stages += [
         wds.map(ShardDecoder(augment, labelled, seed, health), handler=health.sample_failed),
-        wds.batched(batch_size, collation_fn=lambda samples: collate(samples, health.count), partial=False),
+        wds.batched(batch_size, collation_fn=lambda samples: collate(samples, health.skipped), partial=False),
     ]
     pipeline = wds.DataPipeline(*stages)
     return pipeline if spec.resampled else pipeline.repeat()
@@ -463,7 +518,8 @@ def train_loader(
     if domain.shards is not None:
         access = ShardAccess.of(data)
         urls, keys = resolve_shards(domain.shards, access)
-        dataset = shard_pipeline(urls, keys, augment, labelled, data.batch_size, domain.shards, seed, name, data.max_bad_fraction, access)
+        expected = expected_counts(domain.shards.path)
+        dataset = shard_pipeline(urls, keys, augment, labelled, data.batch_size, domain.shards, seed, name, data.max_bad_fraction, access, expected)
     else:
         source = open_folder(domain)
         sampler = RareClassSampler(class_stats(source, cache_dir or Path(data.cache_dir)), rcs) if rcs is not None and rcs.enabled else None

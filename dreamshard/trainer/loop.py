@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dreamshard.config import OptimConfig, TrainConfig, dump_config
-from dreamshard.errors import one_line
+from dreamshard.errors import DeferredInterrupts, Interrupted, one_line
 from dreamshard.format.lease import lease_for
 from dreamshard.format.store import Store, atomic_write, atomic_write_json
 from dreamshard.logs import StageProgress
@@ -81,7 +81,8 @@ class TrainSummary:
     train_s: float = 0.0
     images_per_s: float | None = None  # None: nothing was trained (resumed at max_iters)
     it_per_s: float | None = None
-    skipped: int = 0  # corrupt shards / samples skipped by the data streams
+    skipped_shards: int = 0  # shards the data streams skipped (unreadable) or found cut short, summed over ranks' workers
+    skipped_samples: int = 0  # samples they skipped (undecodable, no label)
     weights_sha256: str = ""
     output: str = ""
     ranks: list[dict] = field(default_factory=list)  # per rank: steps and weights digest (equal under DDP)
@@ -131,10 +132,11 @@ def _train(config: TrainConfig, rt: Runtime, out: Path, restart: bool, val_set, 
         last_eval = evaluate_and_save(config, state.model, rt, out, config.max_iters, val_set)
         logger.write({"iteration": config.max_iters, **_eval_record(last_eval)})
         best.update(last_eval, config.max_iters, state.model)
-    if sum(skipped.values()):
-        log.warning("skipped %d corrupt shard(s)/sample(s) while training", sum(skipped.values()))
+    shards, samples = skipped_totals(skipped)
+    if shards or samples:
+        log.warning("skipped %d shard(s) and %d sample(s) while training (the warnings above name them)", shards, samples)
     speed = Speed(images, config.max_iters - start, train_seconds)
-    summary = summarize(config, rt, state, start, last_eval, best, speed, sum(skipped.values()), time.time() - started)
+    summary = summarize(config, rt, state, start, last_eval, best, speed, (shards, samples), time.time() - started)
     if rt.main:
         atomic_write_json(out / SUMMARY, dataclasses.asdict(summary))
     logger.close()
@@ -149,7 +151,7 @@ class Speed:
 
 
 def summarize(
-    config: TrainConfig, rt: Runtime, state: TrainState, start: int, last_eval: dict | None, best, speed: Speed, skipped: int, wall: float
+    config: TrainConfig, rt: Runtime, state: TrainState, start: int, last_eval: dict | None, best, speed: Speed, skipped: tuple[int, int], wall: float
 ) -> TrainSummary:
     """The run's summary (every rank computes it; rank 0 writes it)."""
     evaluated = {k: last_eval[k] for k in (*EVAL_METRICS, "pixels") if k in last_eval} if last_eval else {}
@@ -167,7 +169,8 @@ def summarize(
         train_s=speed.seconds,
         images_per_s=speed.images / speed.seconds if trained else None,
         it_per_s=speed.iterations / speed.seconds if trained else None,
-        skipped=skipped,
+        skipped_shards=skipped[0],
+        skipped_samples=skipped[1],
         weights_sha256=weights_digest(state.model),
         output=str(config.output.path),
     )
@@ -219,10 +222,11 @@ def run_iterations(
     """Iterations state.iteration .. max_iters: steps, logging, periodic evaluation and checkpoints.
     Returns (images seen, skipped samples per (domain, worker))."""
     start, images = state.iteration, 0
-    skipped: dict[tuple[str, int], int] = {}
+    skipped: dict[tuple[str, int], tuple[int, int]] = {}
     accum = config.optim.grad_accum
     started = time.time()
-    with StageProgress(f"train {config.method}", config.max_iters, "iterations", completed=start, enabled=rt.main and config.progress) as progress:
+    show = rt.main and config.progress
+    with DeferredInterrupts() as interrupts, StageProgress(f"train {config.method}", config.max_iters, "iterations", completed=start, enabled=show) as progress:
         for iteration in range(start, config.max_iters):
             state.method.begin_iteration(iteration)
             state.optimizer.zero_grad(set_to_none=True)
@@ -244,7 +248,7 @@ def run_iterations(
             elapsed = max(time.time() - started, 1e-9)
             if done % config.log_interval == 0 or done == config.max_iters:
                 lr = state.optimizer.param_groups[0]["lr"]
-                logger.write({"iteration": done, "lr": lr, **logs, "images_per_s": images / elapsed, "skipped": sum(skipped.values())})
+                logger.write({"iteration": done, "lr": lr, **logs, "images_per_s": images / elapsed, "skipped": sum(skipped_totals(skipped))})
             losses = " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in logs.items())
             progress.update(done, f"{(done - start) / elapsed:.2f} it/s {losses}")
             if config.eval_interval and done % config.eval_interval == 0 and done < config.max_iters and config.data.val:
@@ -254,7 +258,33 @@ def run_iterations(
                     best.update(evaluation, done, state.model)
             if config.checkpoint_interval and done % config.checkpoint_interval == 0 and done < config.max_iters and rt.main:
                 save_checkpoint(out / "checkpoints", state, config)
+            if stop_requested(interrupts, rt, done, config.log_interval):
+                raise stopped_at(done, state, config, out, rt, interrupts.sigterm)
     return images, skipped
+
+
+def stop_requested(interrupts: DeferredInterrupts, rt: Runtime, done: int, every: int) -> bool:
+    """Whether a Ctrl-C or SIGTERM arrived: at once on one process; under DDP every `every` iterations, agreed
+    by all ranks (an all-reduce), so they all stop after the same iteration."""
+    if rt.world == 1:
+        return interrupts.received is not None
+    if done % every:
+        return False
+    flag = torch.tensor([1 if interrupts.received is not None else 0], device=rt.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def stopped_at(done: int, state: TrainState, config: TrainConfig, out: Path, rt: Runtime, sigterm: bool) -> Interrupted:
+    """Save a checkpoint at the iteration just finished (rank 0), and say so."""
+    if rt.main and latest_checkpoint(out / "checkpoints") != out / "checkpoints" / f"iter_{done:07d}":
+        save_checkpoint(out / "checkpoints", state, config)
+    return Interrupted(f"stopped after iteration {done} and wrote a checkpoint there: a re-run of the same command resumes from it", sigterm)
+
+
+def skipped_totals(skipped: dict) -> tuple[int, int]:
+    """(shards, samples) the data streams skipped, over every domain and DataLoader worker."""
+    return sum(counts[0] for counts in skipped.values()), sum(counts[1] for counts in skipped.values())
 
 
 def training_domains(config: TrainConfig) -> dict[str, bool]:
@@ -276,7 +306,7 @@ def next_batch(iterators: dict, device: torch.device, num_classes: int, skipped:
             raise DataError(f"the {name} data stream ended early: no readable samples (all shards or samples corrupt or filtered out?)") from None
         except DataError as exc:  # raised in a DataLoader worker: torch re-raises it with the worker's traceback as text
             raise DataError(one_line(exc, last=True).removeprefix(f"{DataError.__module__}.DataError: ")) from None
-        skipped[(name, raw["worker"])] = raw["skipped"]
+        skipped[(name, raw["worker"])] = tuple(int(value) for value in raw["skipped"])
         batch[f"{name}_image"] = raw["image"].to(device, non_blocking=True).float().div_(255)
         if "label" in raw:
             check_labels(raw["label"], num_classes, f"{name} data")
