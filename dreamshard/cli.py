@@ -260,7 +260,7 @@ def repair(
     done = repair_run(out, record, check_shards=shards)
     for line in done:
         console.print(f"- {line}", highlight=False, soft_wrap=True, markup=False)
-    console.print(f"{out}: {'repaired' if done else 'nothing to repair'}", markup=False)
+    console.print(f"{out}: {'repaired' if done else 'nothing to repair'}", markup=False, soft_wrap=True)
 
 
 @app.command("preview")

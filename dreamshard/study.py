@@ -21,7 +21,7 @@ from dreamshard.cluster import ClusterWatchdog, fits_a_node, ray_session
 from dreamshard.config import GenerateConfig, StudyConfig, TrainConfig, apply_overrides, read_yaml, set_values, validate
 from dreamshard.errors import RunFailure, UserError, one_line
 from dreamshard.format.layout import RUN_RECORD
-from dreamshard.format.reader import committed_prefix, read_run_record
+from dreamshard.format.reader import BadRunRecord, checked_run_record, committed_prefix, read_run_record
 from dreamshard.format.store import Store, atomic_write, atomic_write_json
 from dreamshard.identity import digest
 from dreamshard.logs import StageProgress
@@ -107,6 +107,8 @@ def run_study(config: StudyConfig, address: str | None = None, show_progress: bo
             shutil.rmtree(out / "runs" / run.run_id)
     todo = [run for run in runs if not finished(run)]
     summary = StudySummary(out=out, rows=[], skipped=[run.run_id for run in runs if finished(run)])
+    if todo and available_samples(config.data.run) < max(sizes) and not config.data.extend:  # a damaged run: one line, before Ray
+        ensure_samples(config, max(sizes), address)  # refuses in one line, before any Ray starts
     if todo:  # a study with nothing left to train starts no Ray at all
         with ray_session(address):
             ensure_samples(config, max(sizes), address)
@@ -120,10 +122,16 @@ def run_study(config: StudyConfig, address: str | None = None, show_progress: bo
 
 
 def available_samples(run_dir: str) -> int:
-    """Samples in the committed prefix of a generated run (shards 0..k-1 all committed and full)."""
+    """Samples in the committed prefix of a generated run (shards 0..k-1 all committed and full); 0 when there
+    is no run yet. A damaged run record is one UserError line."""
     store = Store(run_dir)
-    record = read_run_record(store)
-    return committed_prefix(store, record["samples_per_shard"]) if record else 0
+    try:
+        record = checked_run_record(store)
+    except FileNotFoundError:
+        return 0
+    except BadRunRecord as exc:
+        raise UserError(f"data.run: {exc}; `dreamshard repair {run_dir}` restores or rebuilds it") from None
+    return committed_prefix(store, record["samples_per_shard"])
 
 
 def ensure_samples(config: StudyConfig, needed: int, address: str | None) -> None:

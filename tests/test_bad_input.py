@@ -72,6 +72,9 @@ def test_verify_lists_the_problem_exit_1(good_run, tmp_path, case):
     code, lines = run("verify", run_dir)
     assert code == 1 and lines[-1].startswith("error:") and "problem(s) found" in lines[-1], lines
     assert len(lines) >= 2 and all(line.startswith("- ") for line in lines[:-1]), lines
+    fixes = ("dreamshard repair", "dreamshard generate", "delete ", "check ")
+    problems = " ".join(lines[:-1]).split("- ")[1:]  # wrapped lines joined again
+    assert all(any(fix in problem for fix in fixes) for problem in problems), problems  # every problem names its fix
     assert digest(run_dir) == before  # a checking tool changes nothing
 
 
@@ -224,6 +227,21 @@ def test_wrong_val_path_is_reported_before_training(trained, tmp_path):
     code, lines = run("train", toy_train_config(tmp_path, toy, **{"data.val.folder.root": str(tmp_path / "missing")}))
     assert code == 2 and len(lines) == 1 and "missing" in lines[0], lines
     assert not (tmp_path / "train" / "checkpoints").exists()  # no iteration ran
+
+
+@pytest.mark.parametrize("command", ["train", "study"])
+def test_a_run_record_of_the_wrong_shape_is_one_line_naming_repair(good_run, trained, tmp_path, command):
+    root, toy, _ = trained
+    run_dir = tmp_path / "run"
+    shutil.copytree(good_run, run_dir)
+    (run_dir / "dreamshard.json").write_text('{"samples_per_shard": "four"}')
+    if command == "train":
+        config = toy_train_config(tmp_path, toy, method="dacs", **{"data.target": {"shards": {"path": str(run_dir)}}})
+    else:
+        config = tmp_path / "study.yaml"
+        config.write_text(yaml.safe_dump({"data": {"run": str(run_dir), "extend": False}, "train": {"config": str(toy_train_config(tmp_path, toy))}, "sizes": [4]}))
+    code, lines = run(command, config)
+    assert code == 2 and len(lines) == 1 and "not a valid run record" in lines[0] and "dreamshard repair" in lines[0], lines
 
 
 def test_pipe_urls_need_allow_pipe(tmp_path):

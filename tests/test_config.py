@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from dreamshard.config import GenerateConfig, apply_overrides, load_config, parse_overrides
+from dreamshard.config import GenerateConfig, apply_overrides, load_config, parse_overrides, read_yaml
 from dreamshard.errors import ConfigError
 
 
@@ -95,3 +95,35 @@ def test_every_shipped_config_loads(path):
 
     data = yaml.safe_load(path.read_text())
     load_config(path, schema_of(data))
+
+
+def test_a_key_written_twice_is_an_error_not_a_silent_replacement(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  num_samples: 10\nprompts:\n  token: x\nrun:\n  seed: 3\n")
+    with pytest.raises(ConfigError, match=r"key 'run' appears twice in one section \(lines 1 and 5\)"):
+        load_config(path, GenerateConfig)
+    path.write_text("base: &base {seed: 1}\nrun:\n  <<: *base\n  num_samples: 10\n")  # merge keys and aliases still work
+    assert read_yaml(path)["run"] == {"seed": 1, "num_samples": 10}
+
+
+def test_an_alias_bomb_is_refused_at_once(tmp_path):
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    levels = ["a: &a [" + ", ".join(["lol"] * 9) + "]"]
+    for name, previous in zip("bcdefghij", "abcdefghi"):
+        levels.append(f"{name}: &{name} [" + ", ".join([f"*{previous}"] * 9) + "]")  # 9^10 values when expanded
+    path.write_text("\n".join(levels) + "\n")
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="an alias bomb"):
+        load_config(path, GenerateConfig)
+    assert time.monotonic() - started < 5
+    path.write_text("run: &r {seed: 1}\n" + "\n".join(f"k{i}: *r" for i in range(120)) + "\n")
+    with pytest.raises(ConfigError, match="more than 100 aliases"):
+        read_yaml(path)
+
+
+def test_a_byte_order_mark_is_read_past(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("\ufeffrun:\n  seed: 4\n".encode())
+    assert load_config(path, GenerateConfig).run.seed == 4

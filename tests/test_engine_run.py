@@ -214,6 +214,16 @@ def test_shard_with_an_unreadable_index_is_regenerated(first_run, tmp_path):
     assert summary.ok and summary.shards_skipped == 3 and summary.shards_generated == 1
     assert verify_dataset(copy) == [] and tar_digests(copy) == tar_digests(out)
 
+    # A tar damaged at the same size passes the size check of every scan; `--verify` checks its sha256.
+    tar = copy / "shards" / "000002.tar"
+    data = tar.read_bytes()
+    tar.write_bytes(data[:700] + bytes(255 - b for b in data[700:1300]) + data[1300:])
+    assert generate(config, out=str(copy), show_progress=False).shards_generated == 0  # trusted by size
+    assert any("tar sha256 differs" in problem and "dreamshard repair" in problem for problem in verify_dataset(copy))
+    summary = generate(config, out=str(copy), show_progress=False, verify=True)
+    assert summary.ok and summary.shards_generated == 1 and summary.shards_skipped == 3
+    assert verify_dataset(copy) == [] and tar_digests(copy) == tar_digests(out)
+
 
 def test_plan_says_what_generate_would_do_without_ray_or_model(first_run, tmp_path):
     config, out, _ = first_run

@@ -162,3 +162,18 @@ def test_bad_prompt_files(tmp_path, name, content, column, needle):
 def test_file_recipe_without_file_is_user_error():
     with pytest.raises(UserError, match="prompts.file is not set"):
         read_prompt_file(None, "prompt")
+
+
+def test_prompt_files_as_editors_save_them(tmp_path):
+    """A byte-order mark, comment lines, Windows line ends, and Unicode line separators inside a prompt (which
+    str.splitlines would break on, shifting every later prompt): lines end at newlines only."""
+    txt = tmp_path / "p.txt"
+    txt.write_bytes("\ufeff# scenes\r\nfirst\u2028still the first\r\nsecond\x85x\n\n# done\nthird\n".encode())
+    read = read_prompt_file(str(txt), "prompt")
+    assert read.prompts == ("first\u2028still the first", "second\x85x", "third") and read.read_differently
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_bytes('\ufeff// made by hand\n{"prompt": "a\u2029b"}\n# skipped\n{"prompt": "c"}\n'.encode())
+    assert read_prompt_file(str(jsonl), "prompt").prompts == ("a\u2029b", "c")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("first\nsecond\n")
+    assert not read_prompt_file(str(plain), "prompt").read_differently  # ordinary files keep their plan fingerprint

@@ -104,8 +104,8 @@ class OutputLease:
         try:
             if (self._read() or {}).get("owner") == self.record["owner"]:
                 self.store.remove(LEASE)
-        except OSError as exc:  # leaving a lease behind only delays the next run by the timeout
-            log.warning("could not remove %s/%s (%s)", self.store.url, LEASE, exc)
+        except Exception as exc:  # noqa: BLE001 - leaving a lease behind only delays the next run by the timeout
+            log.warning("could not remove %s/%s (%s: %s)", self.store.url, LEASE, type(exc).__name__, exc)
 
     def _read(self) -> dict | None:
         """The lease as written; None when there is none; {"problem": ...} when there is one that does not

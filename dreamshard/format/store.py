@@ -79,6 +79,8 @@ class Store:
         self.fs, root = filesystem(self.url)
         self.root = root.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        if self.is_local and os.path.islink(self.root) and not os.path.exists(self.root):
+            raise UserError(f"{self.url} is a symbolic link to {os.readlink(self.root)}, which does not exist; create that directory or choose another path")
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root

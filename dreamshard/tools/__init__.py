@@ -19,4 +19,4 @@ def open_run(out: str | Path) -> tuple[Store, dict]:
     except FileNotFoundError:
         raise UserError(f"{out} is not a dreamshard run directory (no dreamshard.json); pass the output of `dreamshard generate`") from None
     except BadRunRecord as exc:
-        raise UserError(f"{exc}; it was changed by hand or damaged: re-run `dreamshard generate` with the run's config to rewrite it") from None
+        raise UserError(f"{exc}; `dreamshard repair {out}` restores or rebuilds it") from None

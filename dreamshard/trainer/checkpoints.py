@@ -53,7 +53,7 @@ def save_checkpoint(folder: Path, state: TrainState, config: TrainConfig) -> Pat
     try:
         _write_checkpoint(final, state, config)
     except (OSError, SafetensorError, RuntimeError) as exc:
-        full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc) or "code: 28" in str(exc)
+        full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc) or disk_full(folder)
         what = "no space left on the device" if full else one_line(exc, limit=160)
         raise RunFailure(
             f"cannot write checkpoint {final} ({what}); {'free space' if full else 'fix the output folder'}, then re-run the same command: "
@@ -62,6 +62,15 @@ def save_checkpoint(folder: Path, state: TrainState, config: TrainConfig) -> Pat
     for old in list_checkpoints(folder)[: -config.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def disk_full(folder: Path) -> bool:
+    """Whether the filesystem of `folder` is (nearly) out of space: how a write error that does not say so
+    (safetensors reports a short write) is recognised."""
+    try:
+        return shutil.disk_usage(folder if folder.exists() else folder.parent).free < 16 * 2**20
+    except OSError:
+        return False
 
 
 def _write_checkpoint(final: Path, state: TrainState, config: TrainConfig) -> None:
