@@ -301,16 +301,29 @@ def train(
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
     log_every: Optional[float] = LOG_EVERY_OPTION,
     restart: bool = typer.Option(False, "--restart", help="Move an existing output aside (OUTPUT.old-<time>) and train from scratch."),
+    address: Optional[str] = typer.Option(
+        None, help="Run as a DDP job on this Ray cluster through Ray Train ('auto': the cluster of `ray start`); output.path must be shared."
+    ),
+    workers: Optional[int] = typer.Option(None, min=1, help="Ray Train workers (DDP ranks); default with --address: one per GPU of the cluster, else 1."),
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="Ray Train workers take a GPU each (default: when the cluster has enough)."),
+    cpus_per_worker: float = typer.Option(1.0, min=0.0, help="Ray CPUs reserved per Ray Train worker (its DataLoader workers run there too)."),
 ) -> None:
     """Train a segmenter (dacs, source_only or supervised_synthetic) on shards and/or folder datasets, then
     evaluate on data.val. Re-running resumes from the newest checkpoint in output.path, if the settings that
     shape the result are the same (only max_iters may grow); --restart starts over. Multi-GPU / multi-node:
-    `torchrun --nproc_per_node N -m dreamshard train ...` or `accelerate launch -m dreamshard train ...`."""
+    `torchrun --nproc_per_node N -m dreamshard train ...`, or on a Ray cluster `--address auto [--workers N]`
+    (docs/cluster.md)."""
     set_log_every(log_every)
     from dreamshard.config import TrainConfig, load_config
     from dreamshard.trainer.loop import train as run_train
 
-    summary = run_train(load_config(config, TrainConfig, sets), restart=restart)
+    train_config = load_config(config, TrainConfig, sets)
+    if address is not None or workers is not None:
+        from dreamshard.trainer.launch import train_on_ray
+
+        summary = train_on_ray(train_config, address, workers, gpu, cpus_per_worker, restart)
+    else:
+        summary = run_train(train_config, restart=restart)
     if summary.mIoU is not None:
         best = summary.best
         best_text = f"; best {100 * best['mIoU']:.2f} at iteration {best['iteration']} ({best['checkpoint']})" if best else ""

@@ -338,8 +338,21 @@ class ShardsConfig(Strict):
     # The order `subset` takes its first N from: the manifest's, or class-stratified (every class's k-th
     # sample before any class's (k+1)-th; ties by index), so each prefix is as balanced as the data allows.
     subset_order: Literal["manifest", "stratified"] = "manifest"
-    resampled: bool = True  # draw shards with replacement: every DDP rank streams forever, no uneven-shard hang
-    shuffle_buffer: int = Field(1000, ge=0)
+    # The epoch order (trainer/order.py): shards in a seeded order per epoch, grouped into blocks of whole
+    # shards holding at least this many samples, samples shuffled within a block. Larger mixes more; each
+    # DataLoader worker holds one or two blocks' encoded samples in memory. 0: samples in shard order.
+    shuffle_block: int = Field(1024, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_keys(cls, values: Any) -> Any:
+        retired = [key for key in ("resampled", "shuffle_buffer") if isinstance(values, dict) and key in values]
+        if retired:
+            raise ValueError(
+                f"{' and '.join(retired)} no longer exist{'s' if len(retired) == 1 else ''}: the trainer reads shards in a seeded epoch order "
+                "that resumes exactly at any number of ranks (see docs/cluster.md); remove them (shuffle_block sets how far samples mix)"
+            )
+        return values
 
 
 class DomainConfig(Strict):
@@ -363,8 +376,18 @@ class TrainDataConfig(Strict):
     crop_size: tuple[int, int] = (512, 512)  # (height, width)
     flip: bool = True
     cat_max_ratio: float = Field(0.75, gt=0, le=1)  # source crops: re-crop (10 tries) until no class covers more
-    batch_size: int = Field(2, ge=1)  # per rank and domain
+    # Samples per iteration and domain: `global_batch_size` over all ranks and grad_accum steps together, so
+    # N GPUs run a fixed recipe N times faster; or `batch_size` per rank and step (the global batch then
+    # grows with the ranks). global_batch_size wins when both are set.
+    batch_size: int = Field(2, ge=1)
+    global_batch_size: int | None = Field(None, ge=1)
     workers: int = Field(4, ge=0)  # DataLoader workers per domain and rank
+    pin_memory: bool | None = None  # None: on when training on cuda (host-to-device copies then overlap compute)
+    # Image decoding of shard samples in the workers: torchvision.io (libjpeg-turbo / libpng / libwebp into
+    # tensors, antialiased resize) or PIL (JPEGs decode at a reduced DCT scale when the resize shrinks them).
+    # bench/bench_trainer.py measured torchvision as fast or faster in every setting (docs/benchmarks.md).
+    decoder: Literal["torchvision", "pil"] = "torchvision"
+    record_samples: bool = False  # write each rank's sample keys per iteration to OUTPUT/samples/rank{r}.jsonl
     cache_dir: str = ".cache/dreamshard"  # rare-class-sampling statistics, computed once per source dataset
     # Shard streams skip bad shards and samples, but stop (one line, exit 1) when more than this share of the
     # shards read so far failed, or every one did.
@@ -492,6 +515,9 @@ class TrainConfig(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on cuda, fp32 on cpu
     threads: int | None = Field(None, ge=1)  # torch CPU threads per rank; None: torch's default (one per core)
     progress: bool = True
+    image_interval: int = Field(1000, ge=0)  # pictures (image, prediction, pseudo-label, mixed) every N iterations; 0: none
+    channels_last: bool = False  # the segmenter and its inputs in channels_last memory format (faster convs on GPUs)
+    compile: bool = False  # torch.compile the segmenter (the first iterations pay the compile time)
     data: TrainDataConfig = TrainDataConfig()
     model: TrainModelConfig = TrainModelConfig()
     uda: UDAConfig = UDAConfig()

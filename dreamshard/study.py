@@ -201,7 +201,8 @@ def _iterations(config: StudyConfig, train_data: dict, size: int | None) -> int 
     """fixed: iterations → the same number for every size; fixed: epochs → epochs over the subset."""
     if config.fixed == "iterations" or size is None:
         return config.iterations
-    batch = TrainConfig.model_validate(train_data).data.batch_size
+    train = TrainConfig.model_validate(train_data)  # a study's runs are one process each: the global batch is per step
+    batch = train.data.global_batch_size or train.data.batch_size * train.optim.grad_accum
     assert config.epochs is not None  # StudyConfig requires it with fixed: epochs
     return max(1, math.ceil(config.epochs * size / batch))
 

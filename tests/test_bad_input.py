@@ -186,7 +186,7 @@ def test_resume_with_other_settings_is_refused_then_restart_runs_fresh(trained, 
     root, toy, _ = trained
     out = copy_run(trained, tmp_path)
     before = digest(out)
-    extra = {"data.target": {"shards": {"path": str(toy["target"]), "shuffle_buffer": 8}}} if change.get("method") == "dacs" else {}
+    extra = {"data.target": {"shards": {"path": str(toy["target"]), "shuffle_block": 8}}} if change.get("method") == "dacs" else {}
     config = toy_train_config(tmp_path, toy, **change, **extra, max_iters=3)
     code, lines = run("train", config)
     assert code == 2 and len(lines) == 1 and changed_key in lines[0] and "--restart" in lines[0], lines
@@ -239,7 +239,9 @@ def test_a_run_record_of_the_wrong_shape_is_one_line_naming_repair(good_run, tra
         config = toy_train_config(tmp_path, toy, method="dacs", **{"data.target": {"shards": {"path": str(run_dir)}}})
     else:
         config = tmp_path / "study.yaml"
-        config.write_text(yaml.safe_dump({"data": {"run": str(run_dir), "extend": False}, "train": {"config": str(toy_train_config(tmp_path, toy))}, "sizes": [4]}))
+        config.write_text(
+            yaml.safe_dump({"data": {"run": str(run_dir), "extend": False}, "train": {"config": str(toy_train_config(tmp_path, toy))}, "sizes": [4]})
+        )
     code, lines = run(command, config)
     assert code == 2 and len(lines) == 1 and "not a valid run record" in lines[0] and "dreamshard repair" in lines[0], lines
 

@@ -125,11 +125,18 @@ def _samples(out) -> list[dict]:
 
 
 def _check_labelled_shards(config, expected: dict, keys: list[str], size: tuple[int, int]) -> list[dict]:
-    from dreamshard.trainer.data import Augment, ShardDecoder
+    from dreamshard.config import DomainConfig, ShardsConfig, TrainDataConfig
+    from dreamshard.trainer.data import batch_stream
+    from dreamshard.trainer.order import ReadPlan
 
     plan = build_plan(config.prompts, config.sampling, config.run.seed)
     samples = _samples(config.output.path)
-    read = ShardDecoder(Augment(resize=None, crop=(size[1], size[0]), flip=False), labelled=True, seed=0)
+    # The trainer's reader, one epoch in manifest order: the labelled samples with the same train ids.
+    domain = DomainConfig(shards=ShardsConfig(path=str(config.output.path)))
+    data = TrainDataConfig(crop_size=(size[1], size[0]), flip=False, workers=0)
+    trainer_labels = {
+        key: label for batch in batch_stream("target", domain, data, True, 0, ReadPlan(len(samples), 1)) for key, label in zip(batch["keys"], batch["label"])
+    }
     for sample in samples:
         meta = json.loads(sample["json"])
         key = keys[meta["index"] % len(keys)]  # sample i takes source item i mod len(source)
@@ -138,8 +145,7 @@ def _check_labelled_shards(config, expected: dict, keys: list[str], size: tuple[
         assert {k: meta[k] for k in spec} == spec  # prompt, seed, style, generation size... as planned
         np.testing.assert_array_equal(_decode_seg(sample["seg.png"]), expected[key])
         assert Image.open(io.BytesIO(sample["png"])).size == size  # the label's size
-        _, label = read(sample)  # the trainer's shard reader sees a labelled sample with the same train ids
-        np.testing.assert_array_equal(np.asarray(label), expected[key])
+        np.testing.assert_array_equal(trainer_labels[sample["__key__"]].numpy(), expected[key])  # the trainer reads the same train ids
     return samples
 
 

@@ -179,7 +179,8 @@ def small_disk(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     yield disk
-    subprocess.run(["umount", str(disk)], capture_output=True)
+    if subprocess.run(["umount", str(disk)], capture_output=True).returncode:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)  # still busy (a file held open): detach it now
 
 
 def test_a_full_disk_under_a_checkpoint_is_one_line_and_keeps_the_last_one(toy, small_disk, tmp_path):
@@ -201,19 +202,23 @@ def five_shards(tmp_path) -> Path:
 
 def stream(run: Path, batches: int = 12, **shards):
     from dreamshard.config import DomainConfig, ShardsConfig, TrainDataConfig
-    from dreamshard.trainer.data import train_loader
+    from dreamshard.trainer.data import batch_stream
+    from dreamshard.trainer.order import ReadPlan
 
     domain = DomainConfig(shards=ShardsConfig(path=str(run), **shards))
-    return list(train_loader("target", domain, TrainDataConfig(crop_size=(32, 32), batch_size=2, workers=0), labelled=False, seed=0, batches=batches))
+    return list(batch_stream("target", domain, TrainDataConfig(crop_size=(32, 32), workers=0), False, 0, ReadPlan(batches, 2)))
 
 
-def test_one_broken_shard_among_five_is_skipped_and_named_behind_a_shuffle_buffer(five_shards, caplog):
+def test_one_broken_shard_among_five_is_skipped_and_named_and_its_positions_filled(five_shards, caplog):
     tar = five_shards / "shards" / "000002.tar"
     data = bytearray(tar.read_bytes())
     data[100:160] = b"\xff" * 60  # its first header's checksum no longer holds; same size, so it stays committed
     tar.write_bytes(bytes(data))
-    batches = stream(five_shards, shuffle_buffer=16)
-    assert len(batches) == 12 and max(batch["skipped"][0] for batch in batches) >= 1
+    batches = stream(five_shards, batches=10, shuffle_block=8)  # one epoch: 20 positions
+    assert len(batches) == 10 and any(str(tar) in batch["problems"] for batch in batches)
+    assert sum(batch["substituted"] for batch in batches) == 4  # the broken shard's four positions
+    keys = [key for batch in batches for key in batch["keys"]]
+    assert not {f"{i:09d}" for i in range(8, 12)} & set(keys)  # none of its samples, each position filled from its block
     assert "skipped shard" in caplog.text and "000002.tar" in caplog.text
 
 
@@ -227,8 +232,8 @@ def test_a_shard_cut_at_a_member_boundary_is_named_and_counted(five_shards, capl
     marker = five_shards / "index" / "000001.commit.json"
     data = json.loads(marker.read_text())
     marker.write_text(json.dumps({**data, "tar_bytes": tar.stat().st_size}))  # as if the marker had been written for it
-    batches = stream(five_shards, resampled=False, shuffle_buffer=0)
-    assert any(batch["skipped"][0] for batch in batches)
+    batches = stream(five_shards, batches=10)
+    assert any(str(tar) in batch["problems"] for batch in batches) and sum(batch["substituted"] for batch in batches) == 2
     assert "holds 2 of the 4 samples its commit marker counts" in caplog.text
 
 

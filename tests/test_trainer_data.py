@@ -1,5 +1,6 @@
 """The trainer's data side on real files: engine shards (written with the engine's writer), run directories,
-subsets, corrupt shards, label checks, weak augmentation and rare class sampling."""
+subsets, the epoch order (each sample once per epoch, whatever the ranks and workers), corrupt shards, label
+checks, weak augmentation and rare class sampling."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import torch
 from PIL import Image
 
 from dreamshard.config import DomainConfig, RCSConfig, ShardsConfig, TrainDataConfig
-from dreamshard.errors import UserError
+from dreamshard.errors import ConfigError, UserError
 from dreamshard.format.rundir import write_dataset
 from dreamshard.format.shards import ShardSample
-from dreamshard.trainer.data import Augment, DataError, RareClassSampler, check_labels, resolve_shards, train_loader
+from dreamshard.trainer.data import Augment, RareClassSampler, batch_stream, check_labels
+from dreamshard.trainer.order import EpochOrder, ReadPlan
+from dreamshard.trainer.shards import DataError, resolve_shards
+from dreamshard.trainer.streams import batch_sizes
 
 SIZE = 24
 
@@ -62,13 +66,11 @@ def test_subset_is_exactly_the_first_n_manifest_samples(run_dir):
     urls, keys = resolve_shards(ShardsConfig(path=str(run_dir), subset=20))
     assert keys == {f"{i:09d}" for i in range(20)}
     assert [u.rsplit("/", 1)[1] for u in urls] == ["000000.tar", "000001.tar"]
-    # Streamed through the trainer's reader, only those samples ever appear (image value = sample index).
-    domain = DomainConfig(shards=ShardsConfig(path=str(run_dir), subset=20, shuffle_buffer=8))
-    data = TrainDataConfig(crop_size=(8, 8), batch_size=5, workers=0, flip=False)
-    seen = set()
-    for batch in train_loader("target", domain, data, labelled=False, seed=0, batches=40):
-        seen.update(batch["image"][:, 0, 0, 0].tolist())
-    assert seen == set(range(20))
+    # Read by the trainer, one epoch is exactly those samples, each once (image value = sample index).
+    domain = DomainConfig(shards=ShardsConfig(path=str(run_dir), subset=20, shuffle_block=8))
+    data = TrainDataConfig(crop_size=(8, 8), workers=0, flip=False)
+    seen = [value for batch in stream(domain, data, ReadPlan(batches=4, batch_size=5)) for value in batch["image"][:, 0, 0, 0].tolist()]
+    assert sorted(seen) == list(range(20))
     with pytest.raises(UserError, match="larger than"):
         resolve_shards(ShardsConfig(path=str(run_dir), subset=51))
 
@@ -91,48 +93,115 @@ def test_stratified_subsets_are_balanced_and_nested(tmp_path):
     assert stratified_order(["a", "a", "b"]) == [0, 2, 1]
 
 
-def test_stream_has_exact_length_with_uneven_shards_and_workers(run_dir):
-    domain = DomainConfig(shards=ShardsConfig(path=str(run_dir), shuffle_buffer=0))
-    data = TrainDataConfig(crop_size=(SIZE, SIZE), batch_size=4, workers=2)
-    batches = list(train_loader("target", domain, data, labelled=False, seed=0, batches=13))
-    assert len(batches) == 13
-    assert all(b["image"].shape == (4, 3, SIZE, SIZE) and b["image"].dtype == torch.uint8 for b in batches)
-    domain = DomainConfig(shards=ShardsConfig(path=str(run_dir), resampled=False, shuffle_buffer=0))
-    assert len(list(train_loader("target", domain, data, labelled=False, seed=0, batches=30))) == 30  # shards repeat
+def stream(domain: DomainConfig, data: TrainDataConfig, plan: ReadPlan, labelled: bool = False, seed: int = 0) -> list[dict]:
+    return list(batch_stream("target", domain, data, labelled, seed, plan))
 
 
-def test_corrupt_shard_is_skipped_and_counted(run_dir, tmp_path):
-    good = run_dir / "shards" / "000000.tar"
-    bad = tmp_path / "bad.tar"
-    bad.write_bytes(good.read_bytes()[:5000] + b"\x00garbage" * 100)  # truncated mid-member
-    noimage = tmp_path / "noimage.tar"
-    noimage.write_bytes(b"")  # an empty file is not a tar
-    domain = DomainConfig(shards=ShardsConfig(path=f"{{{bad},{noimage},{good}}}", shuffle_buffer=0))
-    data = TrainDataConfig(crop_size=(SIZE, SIZE), batch_size=4, workers=0, max_bad_fraction=0.9)
-    batches = list(train_loader("target", domain, data, labelled=False, seed=0, batches=30))
-    assert len(batches) == 30  # training goes on
-    assert batches[-1]["skipped"][0] > 0  # (shards, samples) skipped
-    # With the default budget (half the shards read), two bad shards of three stop the stream instead.
-    with pytest.raises(DataError, match=r"target data: \d+ of \d+ shards read failed, more than data.max_bad_fraction \(0.5\)"):
-        list(train_loader("target", domain, TrainDataConfig(crop_size=(SIZE, SIZE), batch_size=4, workers=0), labelled=False, seed=0, batches=30))
+def keys_of(batches: list[dict]) -> list[str]:
+    return [key for batch in batches for key in batch["keys"]]
 
 
-@pytest.mark.parametrize("resampled", [True, False])
-def test_every_shard_unreadable_ends_the_stream(tmp_path, resampled):
+def test_an_epoch_is_every_sample_once_whatever_the_workers_and_ranks(run_dir):
+    """50 samples in shards of 16, 16, 16, 2: one epoch of the global order holds each once; ranks take
+    slices of each global batch, and their union in order is the one-rank sequence; workers change nothing."""
+    domain = DomainConfig(shards=ShardsConfig(path=str(run_dir), shuffle_block=20))
+    data = TrainDataConfig(crop_size=(SIZE, SIZE), workers=0)
+    one_rank = stream(domain, data, ReadPlan(batches=10, batch_size=5))
+    assert sorted(keys_of(one_rank)) == [f"{i:09d}" for i in range(50)]
+    assert keys_of(one_rank) != sorted(keys_of(one_rank))  # shuffled
+    assert all(b["image"].shape == (5, 3, SIZE, SIZE) and b["image"].dtype == torch.uint8 for b in one_rank)
+    with_workers = stream(domain, TrainDataConfig(crop_size=(SIZE, SIZE), workers=2), ReadPlan(batches=10, batch_size=5))
+    assert keys_of(with_workers) == keys_of(one_rank)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(one_rank, with_workers))  # augmentation seeded by position
+    # Two ranks with 5 each (global batch 10): rank r takes the r-th half of every global batch.
+    ranks = [stream(domain, data, ReadPlan(batches=5, batch_size=5, rank=r, world=2)) for r in (0, 1)]
+    interleaved = [batch for pair in zip(*ranks) for batch in pair]
+    assert keys_of(interleaved) == keys_of(one_rank)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(one_rank, interleaved))
+    # The next epoch is another order of the same samples; a stream started at position 50 reads it too.
+    two_epochs = stream(domain, data, ReadPlan(batches=20, batch_size=5))
+    assert keys_of(two_epochs)[:50] == keys_of(one_rank) and sorted(keys_of(two_epochs)[50:]) == sorted(keys_of(one_rank))
+    assert keys_of(two_epochs)[50:] != keys_of(one_rank)
+    assert keys_of(stream(domain, data, ReadPlan(batches=2, batch_size=5, start=50))) == keys_of(two_epochs)[50:60]
+
+
+def test_epoch_order_blocks_shards_and_resumes_at_any_world_size():
+    counts = [16, 16, 16, 2, 0, 7]
+    order = EpochOrder(counts, seed=3, stream=1, shuffle_block=20)
+    for epoch in range(3):
+        addresses = [order.address(epoch * order.total + p) for p in range(order.total)]
+        assert sorted((a.shard, a.ordinal) for a in addresses) == sorted((s, o) for s, n in enumerate(counts) for o in range(n))
+        blocks: dict[int, set[int]] = {}
+        for a in addresses:  # a block is whole shards, and its positions are contiguous
+            blocks.setdefault(a.block_start, set()).add(a.shard)
+        assert all(len(shards & other) == 0 for start, shards in blocks.items() for o, other in blocks.items() if o != start)
+        assert all(sum(counts[s] for s in shards) >= 20 or start == max(blocks) for start, shards in blocks.items())
+    # Where the positions of a step go: ranks x micro-batches cover the global batch once, in order.
+    for world, per_rank in ((1, 4), (2, 2), (4, 1)):
+        positions = [p for batch in range(3) for rank in range(world) for p in ReadPlan(12, per_rank, start=8, rank=rank, world=world).positions(batch)]
+        assert positions == list(range(8, 8 + 3 * 4))
+    assert EpochOrder(counts, 3, 1, 0).address(0).block_size == counts[EpochOrder(counts, 3, 1, 0).address(0).shard]  # no sample shuffle
+
+
+def test_global_batch_is_divided_over_ranks_and_steps():
+    assert batch_sizes(TrainDataConfig(global_batch_size=4), accum=1, world=2).per_rank == 2
+    assert batch_sizes(TrainDataConfig(global_batch_size=8), accum=2, world=2).per_rank == 2
+    assert batch_sizes(TrainDataConfig(batch_size=3), accum=2, world=2).global_batch == 12
+    with pytest.raises(UserError, match="global_batch_size 6 does not divide over 4 rank.*multiple of 4"):
+        batch_sizes(TrainDataConfig(global_batch_size=6), accum=1, world=4)
+
+
+def test_retired_stream_keys_name_the_new_order():
+    from dreamshard.config import TrainConfig, validate
+
+    with pytest.raises(ConfigError, match="shuffle_buffer no longer exists.*seeded epoch order"):
+        validate(TrainConfig, {"method": "supervised_synthetic", "data": {"target": {"shards": {"path": "x", "shuffle_buffer": 8}}}}, "train.yaml")
+
+
+def test_corrupt_shard_is_skipped_and_its_positions_filled_the_same_way_everywhere(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    tar = copy / "shards" / "000001.tar"
+    data = bytearray(tar.read_bytes())
+    data[100:160] = b"\xff" * 60  # its first header's checksum no longer holds; same size, so it stays committed
+    tar.write_bytes(bytes(data))
+    domain = DomainConfig(shards=ShardsConfig(path=str(copy), shuffle_block=20))
+    data_config = TrainDataConfig(crop_size=(SIZE, SIZE), workers=0)
+    batches = stream(domain, data_config, ReadPlan(batches=10, batch_size=5))  # one epoch
+    assert len(batches) == 10 and str(tar) in batches[-1]["problems"]  # training goes on, the shard named
+    assert sum(b["substituted"] for b in batches) == 16 and not {f"{i:09d}" for i in range(16, 32)} & set(keys_of(batches))
+    workers = TrainDataConfig(crop_size=(SIZE, SIZE), workers=2)
+    ranks = [stream(domain, workers, ReadPlan(5, 5, rank=r, world=2)) for r in (0, 1)]
+    assert keys_of([b for pair in zip(*ranks) for b in pair]) == keys_of(batches)  # the same substitutes on every rank and worker
+    # Patterns have no markers: an unreadable tar counts no samples, is named, and the rest trains.
+    good, empty = run_dir / "shards" / "000000.tar", tmp_path / "empty.tar"
+    empty.write_bytes(b"")  # an empty file is not a tar
+    batches = stream(DomainConfig(shards=ShardsConfig(path=f"{{{empty},{good}}}")), data_config, ReadPlan(batches=4, batch_size=4))
+    assert sorted(keys_of(batches)) == [f"{i:09d}" for i in range(16)] and str(empty) in batches[0]["problems"]
+    # Past the budget (more than data.max_bad_fraction of the shards read), the stream stops.
+    with pytest.raises(DataError, match=r"target data: \d+ of \d+ shards read failed, more than data.max_bad_fraction \(0.0\)"):
+        stream(
+            DomainConfig(shards=ShardsConfig(path=str(copy), shuffle_block=0)),
+            TrainDataConfig(crop_size=(SIZE, SIZE), workers=0, max_bad_fraction=0.0),
+            ReadPlan(30, 5),
+        )
+
+
+def test_every_shard_unreadable_ends_the_stream(tmp_path):
     for name in ("a", "b"):
         (tmp_path / f"{name}.tar").write_bytes(b"not a tar at all" * 10)
-    domain = DomainConfig(shards=ShardsConfig(path=f"{tmp_path}/*.tar", shuffle_buffer=0, resampled=resampled))
+    domain = DomainConfig(shards=ShardsConfig(path=f"{tmp_path}/*.tar"))
     data = TrainDataConfig(crop_size=(SIZE, SIZE), batch_size=4, workers=0)
     with pytest.raises(DataError, match="target data: every shard read failed") as caught:
-        list(train_loader("target", domain, data, labelled=False, seed=0, batches=30))
+        stream(domain, data, ReadPlan(batches=30, batch_size=4))
     assert "first error:" in str(caught.value) and len(str(caught.value).splitlines()) == 1
 
 
 def test_labelled_domain_on_shards_without_labels_names_the_fix(run_dir):
-    domain = DomainConfig(shards=ShardsConfig(path=str(run_dir), shuffle_buffer=0))
-    data = TrainDataConfig(crop_size=(8, 8), batch_size=4, workers=0)
+    domain = DomainConfig(shards=ShardsConfig(path=str(run_dir)))
+    data = TrainDataConfig(crop_size=(8, 8), workers=0)
     with pytest.raises(DataError, match="no sample has seg.png.*label-keeping shards"):
-        list(train_loader("target", domain, data, labelled=True, seed=0, batches=30))
+        stream(domain, data, ReadPlan(batches=30, batch_size=4), labelled=True)
 
 
 @pytest.mark.parametrize("case, message", [("txt2img shards", "no sample has seg.png"), ("unreadable shards", "every shard read failed")])
@@ -152,7 +221,7 @@ def test_train_on_unusable_target_is_one_line_exit_1(run_dir, tmp_path, case, me
         path = f"{tmp_path}/*.tar"
     config = {
         "method": "supervised_synthetic", "output": {"path": str(tmp_path / "out")}, "max_iters": 5, "progress": False,
-        "data": {"target": {"shards": {"path": path, "shuffle_buffer": 0}}, "crop_size": [8, 8], "batch_size": 2, "workers": 2},
+        "data": {"target": {"shards": {"path": path}}, "crop_size": [8, 8], "batch_size": 2, "workers": 2},
         "model": {"backbone": "test_resnet", "pretrained": "none", "embed_dim": 8, "num_classes": 3},
     }  # fmt: skip
     (tmp_path / "train.yaml").write_text(json.dumps(config))
@@ -166,10 +235,12 @@ def test_train_on_unusable_target_is_one_line_exit_1(run_dir, tmp_path, case, me
 
 def test_labelled_shards_and_label_range_check(tmp_path):
     _write_run(tmp_path / "ok", num_samples=6, per_shard=6, label_value=3)
-    domain = DomainConfig(shards=ShardsConfig(path=str(tmp_path / "ok"), shuffle_buffer=0))
-    data = TrainDataConfig(crop_size=(16, 16), batch_size=2, workers=0)
-    batch = next(iter(train_loader("target", domain, data, labelled=True, seed=0, batches=1)))
+    domain = DomainConfig(shards=ShardsConfig(path=str(tmp_path / "ok")))
+    data = TrainDataConfig(crop_size=(16, 16), workers=0)
+    batch = stream(domain, data, ReadPlan(batches=1, batch_size=2), labelled=True)[0]
     assert batch["label"].shape == (2, 16, 16) and (batch["label"] == 3).all()
+    with pytest.raises(UserError, match=r"target data: label ids \[3\] are outside the 3 classes"):  # checked in the workers
+        list(batch_stream("target", domain, TrainDataConfig(crop_size=(16, 16), workers=0), True, 0, ReadPlan(1, 2), num_classes=3))
     check_labels(batch["label"], 4, "x")
     with pytest.raises(UserError, match=r"label ids \[3\] are outside the 3 classes"):
         check_labels(batch["label"], 3, "target data")
@@ -181,14 +252,17 @@ def test_augment_resizes_crops_pads_and_keeps_image_and_label_aligned():
     label[:, 20:] = 1
     pixels = np.zeros((30, 40, 3), dtype=np.uint8)
     pixels[:, 20:] = 200
-    image, crop = Augment(resize=None, crop=(16, 16), flip=True, cat_max_ratio=1.0)(Image.fromarray(pixels), label, rng)
+    image, crop = Augment(resize=None, crop=(16, 16), flip=True, cat_max_ratio=1.0)(pixels, label, rng)
     assert image.shape == (3, 16, 16) and crop.shape == (16, 16)
     assert torch.equal(image[0] == 200, crop == 1)  # same crop and flip for both
-    image, crop = Augment(resize=(8, 10), crop=(12, 12), flip=False)(Image.fromarray(pixels), label, rng)
+    small = Augment(resize=(8, 10), crop=(12, 12), flip=False)
+    image, crop = small(small.resized(Image.fromarray(pixels)), label, rng)
     assert image.shape == (3, 12, 12) and (crop[8:] == 255).all() and (image[:, 8:] == 0).all()  # padded
     encoded = io.BytesIO()
-    Image.fromarray(pixels).save(encoded, format="JPEG")
-    assert Augment(resize=(15, 20), crop=(8, 8), flip=False).decode(encoded.getvalue()).size[0] >= 20  # draft never undershoots
+    Image.fromarray(pixels).save(encoded, format="PNG")
+    for decoder in ("pil", "torchvision"):  # both decoders resize to (height, width)
+        decoded = Augment(resize=(15, 20), crop=(8, 8), flip=False, decoder=decoder).decode(encoded.getvalue())
+        assert decoded.shape == (15, 20, 3) and decoded.dtype == np.uint8 and abs(int(decoded[:, 15].mean()) - 200) < 5
 
 
 def test_rare_class_sampling_favours_rare_classes():
@@ -208,7 +282,7 @@ def test_supervised_synthetic_on_labelled_shards_evaluated_on_shards(tmp_path):
     from dreamshard.trainer.loop import train
 
     _write_run(tmp_path / "synthetic", num_samples=8, per_shard=4, label_value=2)
-    shards = {"shards": {"path": str(tmp_path / "synthetic"), "shuffle_buffer": 0}}
+    shards = {"shards": {"path": str(tmp_path / "synthetic")}}
     config = TrainConfig(
         method="supervised_synthetic", output={"path": str(tmp_path / "out")}, max_iters=2, progress=False,
         data={"target": shards, "val": shards, "crop_size": (16, 16), "batch_size": 2, "workers": 0},

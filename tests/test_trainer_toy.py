@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -47,6 +48,21 @@ def test_dacs_beats_source_only_on_the_toy_domain_shift(toy, tmp_path):
         assert list((out / "tb").iterdir()) and (out / "eval" / f"iter_{summary.iterations:07d}.txt").is_file()
         assert set(summary.per_class_iou) == {"ground", "sky", "building", "car", "pole"}
         assert summary.images_per_s > 0 and summary.wall_s > 0
+        assert sorted(p.name for p in (out / "images").iterdir()) == ["iter_0000075.png", "iter_0000150.png"]
+    # The DACS grid: a title row and two image rows, nine panels of 64x64 crops scaled to 256.
+    from PIL import Image
+
+    from dreamshard.trainer.pictures import PANEL, TITLE_HEIGHT
+
+    with Image.open(Path(dacs.output) / "images" / "iter_0000150.png") as grid:
+        assert grid.format == "PNG" and grid.size == (9 * PANEL, TITLE_HEIGHT + 2 * PANEL)
+        pixels = np.asarray(grid.convert("RGB"))
+    assert len(np.unique(pixels[TITLE_HEIGHT:, PANEL : 2 * PANEL].reshape(-1, 3), axis=0)) >= 2  # a prediction, not a blank panel
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(dacs.output) / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert [event.step for event in events.Images("pictures")] == [75, 150]
 
 
 @pytest.mark.slow

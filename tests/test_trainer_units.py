@@ -10,7 +10,7 @@ import torch
 from dreamshard.config import TrainModelConfig, UDAConfig
 from dreamshard.datasets.labels import SYNTHIA16
 from dreamshard.trainer.loop import lr_factor
-from dreamshard.trainer.methods import DACS, class_mix_masks, downscale_labels, mask_blocks, strong_augment, weighted_ce
+from dreamshard.trainer.methods import DACS, Gradients, class_mix_masks, downscale_labels, mask_blocks, strong_augment, weighted_ce
 from dreamshard.trainer.metrics import confusion_metric, per_class_iou, summarize
 from dreamshard.trainer.model import Segmenter, head_parameter_groups
 
@@ -143,11 +143,12 @@ def test_dacs_step_with_fd_and_mic_backpropagates_every_loss():
     labels[:, 32:, :32] = 2
     labels[:, :8] = 255
     batch = {"source_image": torch.rand(2, 3, 64, 64), "source_label": labels, "target_image": torch.rand(2, 3, 64, 64)}
-    losses = []
     dacs.begin_iteration(0)
-    logs = dacs.step(batch, lambda loss: (losses.append(loss.item()), loss.backward()))
+    grads = Gradients(model)
+    logs = dacs.step(batch, grads)
     assert set(logs) == {"loss_source", "loss_fd", "loss_mix", "loss_mic", "pseudo_quality"}
-    assert len(losses) == 3  # source(+FD), mix, MIC: one backward each, before one optimiser step
+    assert all(isinstance(value, torch.Tensor) and value.dim() == 0 for value in logs.values())  # device scalars: no host sync
+    assert grads.passes == 3  # source(+FD), mix, MIC: one backward each, before one optimiser step
     assert logs["loss_fd"] >= 0  # the value itself is checked in test_feature_distance_* below
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert all(p.grad is None for p in dacs.teacher.parameters()) and all(p.grad is None for p in dacs.imnet.parameters())
@@ -177,3 +178,49 @@ def test_feature_distance_is_weighted_mean_l2_over_thing_pixels():
     assert dacs.feature_distance(student, images, labels).item() == pytest.approx(expected.item(), rel=1e-5)
     # No thing pixel in the batch: no FD term.
     assert dacs.feature_distance(student, images, torch.zeros_like(labels)).item() == 0
+
+
+def test_one_gradient_all_reduce_per_dacs_iteration():
+    """A DDP communication hook counts the gradient all-reduces (rounds over the buckets; gloo, one rank, in
+    this process): a DACS iteration with MIC (three backward passes) over two accumulation micro-steps
+    all-reduces once; a step that synced every backward would all-reduce three times per micro-step."""
+    import contextlib
+
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = Segmenter(TrainModelConfig(backbone="test_resnet", pretrained="none", decoder="segformer", embed_dim=16, num_classes=4))
+        ddp = DistributedDataParallel(model)
+        rounds = []
+
+        def counting(state, bucket):
+            if bucket.is_last():  # a round's last bucket: one all-reduce of the whole gradient is done
+                rounds.append(bucket.index())
+            return allreduce_hook(state, bucket)
+
+        ddp.register_comm_hook(None, counting)
+        labels = torch.randint(0, 4, (2, 32, 32))
+        batch = {"source_image": torch.rand(2, 3, 32, 32), "source_label": labels, "target_image": torch.rand(2, 3, 32, 32)}
+        dacs = DACS(ddp, UDAConfig(mic={"enabled": True, "block_size": 8}), num_classes=4)
+        for iteration in range(3):
+            rounds.clear()
+            dacs.begin_iteration(iteration)
+            for micro in range(2):
+                grads = Gradients(ddp, accum=2, last_micro=micro == 1)
+                dacs.step(batch, grads)
+                assert grads.passes == 3
+            assert len(rounds) == 1, iteration
+
+        class SyncEveryPass(Gradients):
+            def sync(self, final: bool):
+                return contextlib.nullcontext()
+
+        rounds.clear()
+        dacs.step(batch, SyncEveryPass(ddp))
+        assert len(rounds) == 3  # the counter sees what it should
+    finally:
+        dist.destroy_process_group()

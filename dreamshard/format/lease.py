@@ -19,6 +19,7 @@ import os
 import socket
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from dreamshard.errors import RunFailure, UserError
@@ -86,7 +87,7 @@ class OutputLease:
             return False
         except (OverflowError, OSError):  # no such process (ProcessLookupError), or no process can have that pid
             return True
-        return False
+        return _zombie(pid)
 
     def renew(self, now: bool = False) -> None:
         """Called from the command's loop: rewrites the heartbeat every HEARTBEAT_S (or `now`); stops the run if
@@ -139,6 +140,16 @@ class NoLease:
 
     def renew(self, now: bool = False) -> None:
         pass
+
+
+def _zombie(pid: int) -> bool:
+    """A process that exited but was not reaped (its parent died where nothing reaps orphans, as in some
+    containers) still answers kill(pid, 0): on Linux its state in /proc says it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]
 
 
 def lease_for(store: Store, command: str, holder: bool) -> OutputLease | NoLease:

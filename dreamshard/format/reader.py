@@ -248,13 +248,22 @@ def read_shard(store: Store, shard: int) -> Iterator[tuple[str, dict[str, bytes]
 def subset_keys(store: Store, subset: int, order: str = "manifest") -> tuple[list[int], set[str]]:
     """The first `subset` samples of the manifest (in index order, or class-stratified): (their shards,
     their keys). Prefixes nest: subset n is inside subset m > n."""
+    by_shard = subset_by_shard(store, subset, order)
+    return sorted(by_shard), {key for keys in by_shard.values() for key in keys}
+
+
+def subset_by_shard(store: Store, subset: int, order: str = "manifest") -> dict[int, list[str]]:
+    """The same selection as `subset_keys`, as {shard: its selected keys in tar (index) order}."""
     manifest = read_manifest(store).select(["key", "index", "shard", "class_name"]).sort_by("index")
     if manifest.num_rows < subset:
         raise ValueError(f"subset {subset} is larger than the {manifest.num_rows} samples in the manifest")
     if order == "stratified":
         manifest = manifest.take(stratified_order(manifest.column("class_name").to_pylist()))
     first = manifest.slice(0, subset).to_pydict()
-    return sorted(set(first["shard"])), set(first["key"])
+    by_shard: dict[int, list[tuple[int, str]]] = {}
+    for key, index, shard in zip(first["key"], first["index"], first["shard"]):
+        by_shard.setdefault(shard, []).append((index, key))
+    return {shard: [key for _, key in sorted(rows)] for shard, rows in sorted(by_shard.items())}
 
 
 def stratified_order(class_names: list[str]) -> list[int]:

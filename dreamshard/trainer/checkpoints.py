@@ -12,7 +12,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,9 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     iteration: int = 0
+    # Where the data streams are (trainer/streams.py): samples of each domain consumed by all ranks together,
+    # the global batch, and per domain its epoch size and catalogue digest. Empty before the first save.
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 def save_checkpoint(folder: Path, state: TrainState, config: TrainConfig) -> Path:
@@ -82,6 +85,7 @@ def _write_checkpoint(final: Path, state: TrainState, config: TrainConfig) -> No
         extra = {"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict()}
         torch.save(extra, tmp / "optimizer.pt")
         info = {"iteration": state.iteration, "num_classes": config.model.num_classes, "backbone": config.model.backbone, "method": config.method}
+        info["data"] = state.data
         (tmp / STATE).write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -137,6 +141,7 @@ def load_checkpoint(path: Path, state: TrainState, num_classes: int) -> None:
     except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file: torch/safetensors raise many kinds
         raise UserError(f"checkpoint {path} does not fit this run ({type(exc).__name__}: {one_line(exc, limit=160)}); {restart}") from None
     state.iteration = iteration
+    state.data = info.get("data") if isinstance(info.get("data"), dict) else {}
 
 
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path, fix: str) -> None:
@@ -180,14 +185,17 @@ RUN_SETTINGS = "run_settings.json"
 # grow (training continues); everything else must match for a resume.
 NOT_RESULT = (
     "output.", "progress", "resume", "log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints", "device",
-    "threads", "data.workers", "data.cache_dir", "eval.workers", "eval.batch_size", "max_iters",
+    "threads", "data.workers", "data.cache_dir", "eval.workers", "eval.batch_size", "max_iters", "image_interval",
+    "data.pin_memory", "data.record_samples", "channels_last", "compile",
 )  # fmt: skip
 
 
 def result_settings(config: TrainConfig) -> dict[str, Any]:
     """Every setting that shapes the result (method, model, data paths and subsets, optimiser, schedule,
-    seed, ...), flattened to dotted keys."""
-    return {key: value for key, value in flatten(config.model_dump(mode="json")).items() if not key.startswith(NOT_RESULT)}
+    seed, ...), flattened to dotted keys. With data.global_batch_size the per-rank data.batch_size is
+    derived (from the number of ranks), so it is not a setting of its own."""
+    ignored = NOT_RESULT + (("data.batch_size",) if config.data.global_batch_size else ())
+    return {key: value for key, value in flatten(config.model_dump(mode="json")).items() if not key.startswith(ignored)}
 
 
 def settings_changes(out: Path, config: TrainConfig) -> list[str]:

@@ -1,48 +1,56 @@
-"""Training and evaluation data: engine shards streamed with WebDataset, labelled folder datasets, and the
-weak augmentation (resize, random crop, flip). Workers batch uint8 tensors; the loop normalises on device.
+"""Training and evaluation data: engine shards and labelled folder datasets read in the epoch order of
+trainer/order.py, the weak augmentation (resize, random crop, flip), and the DataLoaders.
 
-Training streams never end: shards are drawn with replacement (`resampled`, the default) or split by node
-and worker and repeated, and `with_epoch` fixes how many batches each rank takes, so every DDP rank runs the
-same number of steps whatever the shard sizes. A corrupt shard or sample is skipped and counted (each batch
-carries its worker's count), never retried or slept on.
+A training loader is map-style: item n is this rank's n-th micro-batch, whose samples are the positions the
+ReadPlan gives it. The DataLoader hands items to its workers round-robin and returns them in order, so what a
+rank sees depends on (seed, positions) only: not on the number of workers, ranks or restarts. Each sample's
+augmentation draws from a generator seeded by its position, and rare-class sampling draws the file the same
+way. Workers return uint8 tensors (labels already checked against the classes, so the loop never syncs on
+them); the loop normalises on the device.
+
+A sample that cannot be used (its shard unreadable or cut short, its image undecodable, its label missing)
+is replaced by the next usable one of its block, counted in the batch (`substituted`), its shard named.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
 import logging
-import tarfile
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import braceexpand
-import fsspec
 import numpy as np
 import torch
-import webdataset as wds
-from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
-from dreamshard.config import DomainConfig, RCSConfig, ShardsConfig, TrainDataConfig
+from dreamshard.config import DomainConfig, RCSConfig, TrainDataConfig
 from dreamshard.datasets.labels import IGNORE_INDEX
 from dreamshard.datasets.sources import LabelledSource, open_source, scan
-from dreamshard.errors import RunFailure, UserError, one_line
-from dreamshard.format.layout import LABEL_FIELD, RUN_RECORD, shard_tar
-from dreamshard.format.reader import BadRunRecord, checked_run_record, committed_shards, subset_keys, tar_samples
-from dreamshard.format.store import Store, atomic_write, filesystem, is_url
+from dreamshard.errors import UserError, one_line
+from dreamshard.format.layout import LABEL_FIELD
+from dreamshard.format.store import atomic_write
+from dreamshard.trainer.order import EpochOrder, ReadPlan, seeded, stream_id
+from dreamshard.trainer.shards import (
+    DataError,
+    ShardAccess,
+    ShardCatalogue,
+    ShardReader,
+    StreamHealth,
+    resolve_shards,
+    shard_catalogue,
+)
 
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "png", "webp", "jpeg")
 LABEL_KEY = LABEL_FIELD
 CROP_TRIES = 10  # mmseg RandomCrop / DAFormer RCS re-crop attempts
-OPEN_RETRIES = (0.5, 1.0, 2.0)  # back-off seconds between attempts to open a shard (transient errors)
+ORDER_DRAW, AUGMENT_DRAW, RCS_DRAW = 0, 2, 3  # sub-streams of a position's seed
+
+__all__ = ["DataError", "ShardAccess", "resolve_shards", "shard_catalogue"]  # re-exported for callers of the old module
 
 
 # --------------------------------------------------------------------------------------- transforms
@@ -56,22 +64,37 @@ class Augment:
     crop: tuple[int, int]  # (height, width)
     flip: bool
     cat_max_ratio: float = 1.0  # labelled crops: re-crop until no class covers more than this
+    decoder: str = "pil"  # shard samples: data.decoder (folder datasets are read with PIL, EXIF-aware)
 
-    def decode(self, data: bytes) -> Image.Image:
-        """Decode an image; JPEGs decode at a reduced scale (DCT scaling) when the resize allows it."""
+    def decode(self, data: bytes) -> np.ndarray:
+        """Encoded image → resized HWC uint8 RGB. PIL decodes JPEGs at a reduced DCT scale when the resize
+        allows it; torchvision.io decodes into a tensor and resizes with antialiasing."""
+        if self.decoder == "torchvision":
+            return self._decode_torchvision(data)
         image = Image.open(io.BytesIO(data))
         if self.resize and image.format == "JPEG":
             image.draft("RGB", pil_size(self.resize))
-        return image.convert("RGB")
+        return self.resized(image.convert("RGB"))
 
-    def __call__(self, image: Image.Image, label: np.ndarray | None, rng: np.random.Generator, focus: int | None = None, min_focus: int = 0):
-        """(uint8 CHW image, uint8 HW label or None). With `focus`, re-crop until the crop has > `min_focus`
-        pixels of that class (RCS)."""
+    def _decode_torchvision(self, data: bytes) -> np.ndarray:
+        import torchvision.transforms.v2.functional as TF
+        from torchvision.io import ImageReadMode, decode_image
+
+        pixels = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        if self.resize and tuple(pixels.shape[-2:]) != tuple(self.resize):
+            pixels = TF.resize(pixels, list(self.resize), antialias=True)
+        return pixels.permute(1, 2, 0).numpy()
+
+    def resized(self, image: Image.Image) -> np.ndarray:
         if self.resize and image.size != pil_size(self.resize):
             image = image.resize(pil_size(self.resize), Image.Resampling.BILINEAR)
-        if label is not None and label.shape != (image.height, image.width):
-            label = np.asarray(Image.fromarray(label).resize(image.size, Image.Resampling.NEAREST))
-        pixels = np.asarray(image)
+        return np.asarray(image)
+
+    def __call__(self, pixels: np.ndarray, label: np.ndarray | None, rng: np.random.Generator, focus: int | None = None, min_focus: int = 0):
+        """(uint8 CHW image, uint8 HW label or None) from HWC pixels. With `focus`, re-crop until the crop has
+        > `min_focus` pixels of that class (RCS)."""
+        if label is not None and label.shape != pixels.shape[:2]:
+            label = np.asarray(Image.fromarray(label).resize((pixels.shape[1], pixels.shape[0]), Image.Resampling.NEAREST))
         pixels, label = pad_to(pixels, label, self.crop)
         top, left = self.crop_origin(pixels.shape[:2], label, rng, focus, min_focus)
         ch, cw = self.crop
@@ -121,342 +144,175 @@ def pad_to(pixels: np.ndarray, label: np.ndarray | None, crop: tuple[int, int]):
     return pixels, label
 
 
-def collate(samples: list[tuple[torch.Tensor, torch.Tensor | None]], skipped: tuple[int, int] = (0, 0)) -> dict:
-    batch = {"image": torch.stack([s[0] for s in samples])}
-    if samples[0][1] is not None:
-        batch["label"] = torch.stack([s[1] for s in samples])
-    info = get_worker_info()
-    batch["worker"] = info.id if info else 0
-    batch["skipped"] = skipped
-    return batch
+def check_labels(labels: torch.Tensor, num_classes: int, where: str) -> None:
+    """Train ids must be < num_classes or 255: anything else means the label map does not fit the data."""
+    bad = (labels != IGNORE_INDEX) & (labels >= num_classes)
+    if bad.any():
+        values = sorted(set(labels[bad].unique().tolist()))[:5]
+        raise UserError(
+            f"{where}: label ids {values} are outside the {num_classes} classes (model.num_classes) and not 255; check the label map or num_classes"
+        )
 
 
-def worker_rng(seed: int, *parts: int) -> np.random.Generator:
-    """A generator distinct per (seed, rank, resume step, ...) and DataLoader worker."""
-    info = get_worker_info()
-    return np.random.default_rng([seed, *parts, info.id if info else 0])
+# ------------------------------------------------------------------------------------------ samples
 
 
-# ------------------------------------------------------------------------------------------- shards
+@dataclass
+class Loaded:
+    """One position's sample, decoded: HWC pixels, HW train ids (or None), its key, whether it stands in
+    for the position's own sample (which was unusable), and for RCS the class its crop should hold."""
 
-
-@dataclass(frozen=True)
-class ShardAccess:
-    """How the trainer may open shards: whether `pipe:` URLs (a shell command, webdataset's convention) are
-    allowed, and the back-off seconds between attempts to open a shard (transient errors). One object from
-    the config, passed wherever a shard is opened."""
-
-    allow_pipe: bool = False
-    retries: tuple[float, ...] = OPEN_RETRIES
-
-    @classmethod
-    def of(cls, data: TrainDataConfig) -> ShardAccess:
-        return cls(allow_pipe=data.allow_pipe)
-
-    def open(self, url: str):
-        """A readable binary stream of a shard at a local path or any fsspec URL (s3://, gs://, http(s)://, ...),
-        retried with back-off on transient errors."""
-        if url.startswith("pipe:"):
-            self.check_pipe(url)
-            return wds.gopen(url, "rb")
-        for delay in (*self.retries, None):
-            try:
-                return fsspec.open(url, "rb").open()
-            except (FileNotFoundError, PermissionError, IsADirectoryError):
-                raise
-            except OSError:
-                if delay is None:
-                    raise
-                time.sleep(delay)
-
-    def check_pipe(self, url: str) -> None:
-        if not self.allow_pipe:
-            raise UserError(f"shard URL {url[:60]!r} runs a shell command (webdataset pipe: URL); set data.allow_pipe: true if you mean to")
-
-
-def resolve_shards(spec: ShardsConfig, access: ShardAccess = ShardAccess()) -> tuple[list[str], set[str] | None]:
-    """Shard URLs of a run directory (committed shards only), glob, brace pattern, tar file or URL list, on
-    the local disk or any fsspec filesystem; and for `subset` the keys of the first N manifest samples
-    (None: all samples)."""
-    path = spec.path.strip()
-    if path.startswith("pipe:"):
-        access.check_pipe(path)
-        if spec.subset:
-            raise UserError(f"shards.subset needs a run directory (with its manifest), not a pipe: URL ({path})")
-        return list(braceexpand.braceexpand(path)), None
-    if not is_url(path):
-        path = str(Path(path).expanduser())
-    if not any(ch in path for ch in "*?[{"):
-        store = Store(path)
-        if store.exists(RUN_RECORD) or store.fs.isdir(store.root):
-            return _run_dir_shards(store, spec.subset, spec.subset_order)
-    if spec.subset:
-        raise UserError(f"shards.subset needs a run directory (with its manifest), not a pattern ({path})")
-    if path.startswith(("http://", "https://")):  # no listing over http: take the pattern as it is
-        return list(braceexpand.braceexpand(path)), None
-    if any(ch in path for ch in "*?["):
-        fs, pattern = filesystem(path)
-        urls = [_url(fs, match) for match in sorted(fs.glob(pattern))]
-    else:
-        urls = [p for p in braceexpand.braceexpand(path) if _is_file(p)]
-    if not urls:
-        raise UserError(f"no shards matched {path}; give a run directory, a glob (runs/x/shards/*.tar) or a brace pattern (shards/{{000000..000009}}.tar)")
-    return urls, None
-
-
-def _url(fs, path: str) -> str:
-    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
-
-
-def _is_file(url: str) -> bool:
-    fs, path = filesystem(url)
-    return fs.isfile(path)
-
-
-def _run_dir_shards(store: Store, subset: int | None, order: str = "manifest") -> tuple[list[str], set[str] | None]:
-    root = store.url
-    record = _run_record(store)
-    committed = committed_shards(store, record["samples_per_shard"])
-    if not committed:
-        raise UserError(f"no shards matched in {root}: no committed shard yet (run `dreamshard generate` first)")
-    markers = sum(1 for name in store.list("index") if name.endswith(".commit.json"))
-    if markers > len(committed):
-        log.warning(
-            "%s: %d of its %d commit markers do not match their files or the run record (samples_per_shard %d); those shards are left out: "
-            "`dreamshard verify %s` names them",
-            root, markers - len(committed), markers, record["samples_per_shard"], root,
-        )  # fmt: skip
-    if subset is None:
-        return [store.url_of(shard_tar(s)) for s in sorted(committed)], None
-    try:
-        shards, keys = subset_keys(store, subset, order)
-    except ValueError as exc:
-        raise UserError(f"shards.subset: {exc} of {root}") from None
-    missing = [s for s in shards if s not in committed]
-    if missing:
-        raise UserError(f"{root}: shard {missing[0]} holds manifest samples but is not committed; re-run generate to finish it")
-    return [store.url_of(shard_tar(s)) for s in shards], keys
-
-
-def _run_record(store: Store) -> dict:
-    try:
-        return checked_run_record(store)
-    except FileNotFoundError:
-        raise UserError(f"{store.url} is not a dreamshard run directory (no dreamshard.json); pass a glob of its .tar files instead") from None
-    except BadRunRecord as exc:
-        raise UserError(f"{exc}; `dreamshard repair {store.url}` restores or rebuilds it") from None
-
-
-def expected_counts(path: str) -> dict[str, int] | None:
-    """{shard url: samples} from a run directory's commit markers (None for globs, patterns and pipes)."""
-    path = path.strip()
-    if path.startswith("pipe:") or any(ch in path for ch in "*?[{"):
-        return None
-    store = Store(path if is_url(path) else str(Path(path).expanduser()))
-    try:
-        record = checked_run_record(store)
-    except (FileNotFoundError, BadRunRecord, OSError):
-        return None
-    return {store.url_of(shard_tar(shard)): marker["count"] for shard, marker in committed_shards(store, record["samples_per_shard"]).items()}
-
-
-class DataError(RunFailure):
-    """A training stream that cannot go on: every shard failed, too many did, or no sample is usable."""
-
-
-MIN_SHARD_ATTEMPTS = 8  # shards read before a failure fraction is judged
-MAX_UNUSABLE_SAMPLES = 64  # samples read with none usable before the stream gives up
-
-
-class StreamHealth:
-    """Webdataset error handler of one domain's stream (per DataLoader worker): a bad shard or sample is
-    skipped, counted and logged (each shard once, named), until the budget is spent: no shard yielded a
-    sample after several failed, more than `max_bad_fraction` of the shards read so far failed, or no sample
-    is usable at all. Then DataError, never a busy loop on a stream that cannot yield a batch. Shards are
-    judged as shards (a shard is good once it yields a sample), so samples a shuffle buffer holds back do not
-    make a good stream look dead."""
-
-    def __init__(self, domain: str, max_bad_fraction: float, num_shards: int):
-        self.domain, self.max_bad_fraction = domain, max_bad_fraction
-        self.all_failed_after = min(MIN_SHARD_ATTEMPTS, max(num_shards, 1))  # failures with no good shard: all bad
-        self.shards = self.bad_shards = self.good_shards = self.short_shards = self.samples = self.bad_samples = 0
-        self.first_error = ""
-        self._named: set[str] = set()  # shards already warned about (a resampled stream draws them again)
-
-    @property
-    def skipped(self) -> tuple[int, int]:
-        """(shards skipped or cut short, samples skipped), reported in each batch."""
-        return self.bad_shards + self.short_shards, self.bad_samples
-
-    def shard_opened(self) -> None:
-        self.shards += 1
-
-    def shard_good(self) -> None:
-        self.good_shards += 1
-
-    def shard_failed(self, exc: Exception, url: str = "") -> bool:
-        self.bad_shards += 1
-        self.shards = max(self.shards, self.bad_shards)
-        self._note(exc, "shard", url)
-        if self.good_shards == 0 and self.bad_shards >= self.all_failed_after:
-            raise DataError(f"{self.domain} data: every shard read failed ({self.bad_shards} of {self.shards}); first error: {self.first_error}")
-        if self.shards >= MIN_SHARD_ATTEMPTS and self.bad_shards > self.max_bad_fraction * self.shards:
-            raise DataError(
-                f"{self.domain} data: {self.bad_shards} of {self.shards} shards read failed, more than data.max_bad_fraction "
-                f"({self.max_bad_fraction}); first error: {self.first_error}"
-            )
-        return True
-
-    def shard_short(self, url: str, read: int, expected: int) -> None:
-        """A shard that ended cleanly but early (a tar cut at a member boundary): its samples are used."""
-        self.short_shards += 1
-        if url not in self._named:
-            self._named.add(url)
-            log.warning("%s data: shard %s holds %d of the %d samples its commit marker counts (truncated?); using those", self.domain, url, read, expected)
-
-    def sample_decoded(self) -> None:
-        self.samples += 1
-
-    def sample_failed(self, exc: Exception) -> bool:
-        self.bad_samples += 1
-        self._note(exc, "sample")
-        if self.samples == 0 and self.bad_samples >= MAX_UNUSABLE_SAMPLES:
-            reason = self.first_error
-            if isinstance(exc, MissingLabel):
-                reason = f"no sample has {LABEL_KEY}: a labelled domain (supervised_synthetic target, shards as source) needs label-keeping shards (img2img / controlnet_seg / depth2img)"
-            raise DataError(f"{self.domain} data: none of the first {self.bad_samples} samples is usable; {reason}")
-        return True
-
-    def _note(self, exc: Exception, what: str, url: str = "") -> None:
-        # webdataset appends (stream, url) to the exception's args: name the url, not the stream object.
-        text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else one_line(exc, limit=200)
-        url = url or (exc.args[-1] if len(exc.args) > 1 and isinstance(exc.args[-1], str) else "")
-        text = f"{type(exc).__name__}: {text[:200]}" + (f" in {url}" if url else "")
-        self.first_error = self.first_error or text
-        if what == "shard" and url not in self._named:
-            self._named.add(url)
-            log.warning("%s data: skipped shard %s (%s)", self.domain, url or "?", text)
-        elif what == "sample" and self.bad_samples <= 3:
-            log.warning("%s data: skipped a corrupt sample (%s)", self.domain, text)
+    pixels: np.ndarray
+    label: np.ndarray | None
+    key: str
+    substituted: bool = False
+    focus: int | None = None
+    min_focus: int = 0
 
 
 class MissingLabel(ValueError):
     pass
 
 
-def shard_samples(urls, health: StreamHealth, access: ShardAccess, expected: dict[str, int] | None = None):
-    """Webdataset stage: dicts with `url` → sample dicts (key + fields) of each shard, through fsspec. With
-    `expected` ({url: samples}, from a run directory's commit markers) a shard that ends early is named."""
-    for item in urls:
-        url = item["url"]
-        health.shard_opened()
+class ShardSamples:
+    """A shard domain's samples by position (epoch order over the catalogue), with substitution."""
+
+    def __init__(
+        self,
+        name: str,
+        catalogue: ShardCatalogue,
+        shuffle_block: int,
+        seed: int,
+        labelled: bool,
+        augment: Augment,
+        access: ShardAccess,
+        max_bad_fraction: float,
+    ):
+        self.name, self.catalogue, self.labelled, self.augment, self.access = name, catalogue, labelled, augment, access
+        self.order = EpochOrder(list(catalogue.counts), seed, stream_id(name), shuffle_block)
+        self.health = StreamHealth(name, max_bad_fraction, len(catalogue.urls), catalogue.total)
+        self.health.named.update(catalogue.unreadable)
+        self._reader: ShardReader | None = None  # made in the worker process that uses it
+        self._unusable: set[tuple[int, int]] = set()  # (shard, ordinal) found unusable: not decoded or counted twice
+
+    @property
+    def epoch_samples(self) -> int:
+        return self.order.total
+
+    def digest(self) -> str:
+        return self.catalogue.digest()
+
+    def load(self, position: int, rng: np.random.Generator) -> Loaded:
+        """The sample at `position`, or the next usable one of its block (then of the blocks after it)."""
+        address = self.order.address(position)
+        epoch_end = (address.epoch + 1) * self.order.total
+        offset = position - address.block_start
+        for tries in range(self.order.total):
+            if tries < address.block_size:
+                candidate = address.block_start + (offset + tries) % address.block_size
+            else:  # the whole block is unusable: the samples after it, through the epoch
+                candidate = address.block_start + address.block_size + tries - address.block_size
+                candidate = candidate if candidate < epoch_end else candidate - self.order.total
+            loaded = self._usable(candidate)
+            if loaded is not None:
+                loaded.substituted = tries > 0
+                return loaded
+        raise DataError(f"{self.name} data: no usable sample in any shard; {self.health.reason()}")
+
+    def _usable(self, position: int) -> Loaded | None:
+        address = self.order.address(position)
+        if (address.shard, address.ordinal) in self._unusable:
+            return None
+        reader = self.reader()
+        reader.capacity = max(reader.capacity, self.order.max_block_shards + 1)
+        sample = reader.sample(address.shard, address.ordinal)
+        if sample is None:
+            self._unusable.add((address.shard, address.ordinal))
+            return None
         try:
-            stream = access.open(url)
-        except UserError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - counted; StreamHealth stops the stream past its budget
-            health.shard_failed(exc, url)
-            continue
-        read, failures = 0, health.bad_shards
-        for sample in tar_samples([(url, stream)], handler=functools.partial(health.shard_failed, url=url)):
-            read += 1
-            if read == 1:
-                health.shard_good()
-            yield sample
-        want = (expected or {}).get(url)
-        if want and read < want and health.bad_shards == failures:  # ended early without an error
-            health.shard_short(url, read, want)
-
-
-def shard_pipeline(
-    urls: list[str],
-    keys: set[str] | None,
-    augment: Augment,
-    labelled: bool,
-    batch_size: int,
-    spec: ShardsConfig,
-    seed: int,
-    domain: str,
-    max_bad_fraction: float = 0.5,
-    access: ShardAccess = ShardAccess(),
-    expected: dict[str, int] | None = None,
-) -> wds.DataPipeline:
-    """An endless stream of batches from shards (per rank and worker)."""
-    health = StreamHealth(domain, max_bad_fraction, len(urls))
-    if spec.resampled:
-        # rank*1000 + worker (webdataset's worker seed) mixed with our seed: distinct, reproducible streams.
-        stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
-    else:
-        stages = [wds.SimpleShardList(urls), _check_split, wds.split_by_node, wds.split_by_worker]
-    stages.append(lambda items: shard_samples(items, health, access, expected))
-    if keys is not None:
-        stages.append(wds.select(lambda sample: sample["__key__"] in keys))
-    if spec.shuffle_buffer:
-        stages.append(wds.shuffle(spec.shuffle_buffer, initial=min(100, spec.shuffle_buffer), seed=seed))
-    stages += [
-        wds.map(ShardDecoder(augment, labelled, seed, health), handler=health.sample_failed),
-        wds.batched(batch_size, collation_fn=lambda samples: collate(samples, health.skipped), partial=False),
-    ]
-    pipeline = wds.DataPipeline(*stages)
-    return pipeline if spec.resampled else pipeline.repeat()
-
-
-def _check_split(urls):
-    """split_by_node/worker without resampling needs a shard for every worker of every rank."""
-    urls = list(urls)
-    rank, world, _, workers = wds.utils.pytorch_worker_info()
-    if len(urls) < world * workers:
-        raise UserError(f"{len(urls)} shards cannot feed {world} ranks x {workers} workers without resampling; set shards.resampled: true")
-    yield from urls
-
-
-class ShardDecoder:
-    """Sample dict from a tar → augmented (image, label) tensors. Labels are the mode-L `seg.png` train ids."""
-
-    def __init__(self, augment: Augment, labelled: bool, seed: int, health: StreamHealth | None = None):
-        self.augment, self.labelled, self.seed, self.health = augment, labelled, seed, health
-        self.rng: np.random.Generator | None = None
-
-    def __call__(self, sample: dict):
-        if self.rng is None:
-            self.rng = worker_rng(self.seed, wds.utils.pytorch_worker_info()[0])
-        rng = self.rng
-        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if image_key is None:
-            raise ValueError(f"sample {sample.get('__key__')} has no image field")
-        image = self.augment.decode(sample[image_key])
-        label = None
-        if self.labelled:
-            if LABEL_KEY not in sample:
+            image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+            if image_key is None:
+                raise ValueError(f"sample {sample.get('__key__')} has no image field")
+            if self.labelled and LABEL_KEY not in sample:
                 raise MissingLabel(f"sample {sample.get('__key__')} has no {LABEL_KEY}")
-            label = np.asarray(Image.open(io.BytesIO(sample[LABEL_KEY])))  # mode L train ids, no conversion
-        result = self.augment(image, label, rng)
-        if self.health is not None:
-            self.health.sample_decoded()
-        return result
+            label = np.asarray(Image.open(io.BytesIO(sample[LABEL_KEY]))) if self.labelled else None  # mode L train ids
+            loaded = Loaded(self.augment.decode(sample[image_key]), label, str(sample["__key__"]))
+        except Exception as exc:  # noqa: BLE001 - an undecodable sample is skipped like an unreadable one
+            self._unusable.add((address.shard, address.ordinal))
+            self.health.sample_failed(exc, isinstance(exc, MissingLabel))
+            return None
+        self.health.sample_usable()
+        return loaded
+
+    def reader(self) -> ShardReader:
+        if self._reader is None:
+            self._reader = ShardReader(self.catalogue, self.access, self.health)
+        return self._reader
+
+    def problems(self) -> tuple[str, ...]:
+        """Shards skipped or cut short so far (in this worker)."""
+        return tuple(sorted(self.health.named))
+
+
+class FolderSamples:
+    """A labelled folder dataset's samples by position: a permutation of its items per epoch, or with rare
+    class sampling a (class, file) drawn from the position's own generator."""
+
+    def __init__(self, name: str, source: LabelledSource, seed: int, rcs: RareClassSampler | None, augment: Augment):
+        self.name, self.source, self.rcs, self.augment = name, source, rcs, augment
+        self.order = EpochOrder([len(source)], seed, stream_id(name), shuffle_block=len(source))
+
+    @property
+    def epoch_samples(self) -> int:
+        return self.order.total
+
+    def digest(self) -> str:
+        return hashlib.sha256("\n".join(item.key for item in self.source.items).encode()).hexdigest()[:16]
+
+    def load(self, position: int, rng: np.random.Generator) -> Loaded:
+        focus = None
+        if self.rcs is None:
+            index = self.order.address(position).ordinal
+        else:
+            focus, index = self.rcs.draw(rng)
+        item = self.source.items[index]
+        image, label = self.source.load(item)
+        return Loaded(self.augment.resized(image), label, item.key, focus=focus, min_focus=self.rcs.min_crop_pixels if self.rcs else 0)
+
+    def problems(self) -> tuple[str, ...]:
+        return ()
+
+
+class RankBatches(Dataset):
+    """Item n: this rank's n-th micro-batch of one domain (dict: image uint8 BCHW, label uint8 BHW, keys,
+    substituted, problems)."""
+
+    def __init__(self, samples: ShardSamples | FolderSamples, plan: ReadPlan, seed: int, num_classes: int | None):
+        self.samples, self.plan, self.seed, self.num_classes = samples, plan, seed, num_classes
+        self.stream = stream_id(samples.name)
+
+    def __len__(self) -> int:
+        return self.plan.batches
+
+    def __getitem__(self, batch: int) -> dict:
+        images, labels, keys, substituted = [], [], [], 0
+        for position in self.plan.positions(batch):
+            rng = seeded(self.seed, self.stream, position, AUGMENT_DRAW)
+            loaded = self.samples.load(position, rng)
+            image, label = self.samples.augment(loaded.pixels, loaded.label, rng, focus=loaded.focus, min_focus=loaded.min_focus)
+            images.append(image)
+            labels.append(label)
+            keys.append(loaded.key)
+            substituted += loaded.substituted
+        batch_out = {"image": torch.stack(images), "keys": keys, "substituted": substituted, "problems": self.samples.problems()}
+        if labels[0] is not None:
+            batch_out["label"] = torch.stack(labels)
+            if self.num_classes is not None:
+                check_labels(batch_out["label"], self.num_classes, f"{self.samples.name} data")
+        return batch_out
 
 
 # ------------------------------------------------------------------------------------------ folders
-
-
-class FolderStream(IterableDataset):
-    """Endless random (image, label) batches from a labelled folder dataset, uniform or rare-class sampled."""
-
-    def __init__(self, source: LabelledSource, augment: Augment, batch_size: int, seed: int, rcs: RareClassSampler | None = None):
-        self.source, self.augment, self.batch_size, self.seed, self.rcs = source, augment, batch_size, seed, rcs
-
-    def __iter__(self) -> Iterator[dict]:
-        rng = worker_rng(self.seed, wds.utils.pytorch_worker_info()[0])
-        while True:
-            yield collate([self.sample(rng) for _ in range(self.batch_size)])
-
-    def sample(self, rng: np.random.Generator):
-        if self.rcs is None:
-            image, label = self.source.load(self.source.items[rng.integers(len(self.source))])
-            return self.augment(image, label, rng)
-        cls, index = self.rcs.draw(rng)
-        image, label = self.source.load(self.source.items[index])
-        return self.augment(image, label, rng, focus=cls, min_focus=self.rcs.min_crop_pixels)
 
 
 class RareClassSampler:
@@ -510,32 +366,54 @@ def open_folder(domain: DomainConfig) -> LabelledSource:
     return scan(open_source(domain.folder))
 
 
-def train_loader(
-    name: str, domain: DomainConfig, data: TrainDataConfig, labelled: bool, seed: int, batches: int, rcs: RCSConfig | None = None, cache_dir: Path | None = None
-) -> wds.WebLoader:
-    """A loader that yields exactly `batches` batches on this rank (dict: image uint8 BCHW, label uint8 BHW)."""
-    augment = Augment(domain.resize, data.crop_size, data.flip, data.cat_max_ratio if labelled else 1.0)
+def domain_samples(
+    name: str, domain: DomainConfig, data: TrainDataConfig, labelled: bool, seed: int, rcs: RCSConfig | None = None, cache_dir: Path | None = None
+) -> ShardSamples | FolderSamples:
+    """One domain's samples in the epoch order of `seed`."""
+    augment = Augment(domain.resize, data.crop_size, data.flip, data.cat_max_ratio if labelled else 1.0, data.decoder)
     if domain.shards is not None:
         access = ShardAccess.of(data)
-        urls, keys = resolve_shards(domain.shards, access)
-        expected = expected_counts(domain.shards.path)
-        dataset = shard_pipeline(urls, keys, augment, labelled, data.batch_size, domain.shards, seed, name, data.max_bad_fraction, access, expected)
-    else:
-        source = open_folder(domain)
-        sampler = RareClassSampler(class_stats(source, cache_dir or Path(data.cache_dir)), rcs) if rcs is not None and rcs.enabled else None
-        dataset = FolderStream(source, augment, data.batch_size, seed, sampler)
-    loader = wds.WebLoader(dataset, batch_size=None, num_workers=data.workers, persistent_workers=False)
-    return loader.with_epoch(batches)
+        catalogue = shard_catalogue(domain.shards, access, name)
+        return ShardSamples(name, catalogue, domain.shards.shuffle_block, seed, labelled, augment, access, data.max_bad_fraction)
+    source = open_folder(domain)
+    sampler = RareClassSampler(class_stats(source, cache_dir or Path(data.cache_dir)), rcs) if rcs is not None and rcs.enabled else None
+    return FolderSamples(name, source, seed, sampler, augment)
+
+
+def train_loader(
+    samples: ShardSamples | FolderSamples, data: TrainDataConfig, plan: ReadPlan, seed: int, num_classes: int | None = None, pin_memory: bool = False
+) -> DataLoader:
+    """This rank's micro-batches of one domain, `plan.batches` of them, in order."""
+    workers = data.workers
+    return DataLoader(
+        RankBatches(samples, plan, seed, num_classes),
+        batch_size=None,
+        sampler=range(plan.batches),
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if workers else None,
+    )
+
+
+def batch_stream(name: str, domain: DomainConfig, data: TrainDataConfig, labelled: bool, seed: int, plan: ReadPlan, **options) -> DataLoader:
+    """`domain_samples` + `train_loader` in one call (tests, benchmarks)."""
+    samples = domain_samples(name, domain, data, labelled, seed, options.pop("rcs", None), options.pop("cache_dir", None))
+    return train_loader(samples, data, plan, seed, **options)
+
+
+# --------------------------------------------------------------------------------------- evaluation
 
 
 def read_all_samples(urls: list[str], access: ShardAccess = ShardAccess()) -> list[dict]:
     """Every sample of the shards, in order; an unreadable shard is an error (an evaluation must be whole)."""
+    from dreamshard.format.reader import tar_samples
+
     samples: list[dict] = []
     for url in urls:
         try:
             with access.open(url) as stream:
                 samples += tar_samples([(url, stream)])
-        except (OSError, ValueError, tarfile.TarError) as exc:
+        except (OSError, ValueError) as exc:
             raise UserError(f"cannot read evaluation shard {url} ({one_line(exc)}); fix or remove it") from None
     return samples
 
@@ -546,6 +424,7 @@ class EvalSet(Dataset):
     def __init__(self, domain: DomainConfig, access: ShardAccess = ShardAccess()):
         self.resize = domain.resize
         self.source: LabelledSource | None = None
+        self._loaders: dict[tuple, DataLoader] = {}
         if domain.folder is not None:
             self.source = open_folder(domain)
             self.items: list = list(self.source.items)
@@ -559,6 +438,9 @@ class EvalSet(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_loaders": {}}  # what a worker process gets: not the loaders themselves
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         item = self.items[index]
         if self.source is not None:
@@ -571,12 +453,12 @@ class EvalSet(Dataset):
             image = image.resize(pil_size(self.resize), Image.Resampling.BILINEAR)
         return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()), torch.from_numpy(np.array(label))
 
+    def loader(self, rank: int, world: int, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
+        """This rank's slice, batched; made once and kept, its workers alive between evaluations."""
+        from torch.utils.data import Subset
 
-def check_labels(labels: torch.Tensor, num_classes: int, where: str) -> None:
-    """Train ids must be < num_classes or 255: anything else means the label map does not fit the data."""
-    bad = (labels != IGNORE_INDEX) & (labels >= num_classes)
-    if bad.any():
-        values = sorted(set(labels[bad].unique().tolist()))[:5]
-        raise UserError(
-            f"{where}: label ids {values} are outside the {num_classes} classes (model.num_classes) and not 255; check the label map or num_classes"
-        )
+        key = (rank, world, batch_size, workers, pin_memory)
+        if key not in self._loaders:
+            part = Subset(self, range(rank, len(self), world))
+            self._loaders[key] = DataLoader(part, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory)
+        return self._loaders[key]

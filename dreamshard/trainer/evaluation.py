@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Subset
 
 from dreamshard.config import EvalConfig, TrainConfig
 from dreamshard.datasets.labels import CLASSES, NUM_CLASSES
@@ -38,14 +37,13 @@ def evaluate(config: TrainConfig, model: Segmenter, rt: Runtime, dataset: EvalSe
     if dataset is None:
         assert config.data.val is not None  # callers evaluate only with a val set
         dataset = EvalSet(config.data.val, ShardAccess.of(config.data))
-    part = Subset(dataset, range(rt.rank, len(dataset), rt.world))
-    loader = DataLoader(part, batch_size=config.eval.batch_size, num_workers=config.eval.workers)
+    loader = dataset.loader(rt.rank, rt.world, config.eval.batch_size, config.eval.workers, pin_memory=rt.device.type == "cuda")
     metric = confusion_metric(config.model.num_classes).to(rt.device)
     was_training = model.training
     model.eval()
     for images, labels in loader:
         check_labels(labels, config.model.num_classes, "val data")
-        images = images.to(rt.device).float().div_(255)
+        images = images.to(rt.device, non_blocking=True).float().div_(255)
         with rt.autocast():
             logits = infer(model, images, labels.shape[-2:], config.eval)
         metric.update(logits.argmax(1), labels.to(rt.device).long())

@@ -13,7 +13,6 @@ Output directory:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -28,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dreamshard.config import OptimConfig, TrainConfig, dump_config
-from dreamshard.errors import DeferredInterrupts, Interrupted, one_line
+from dreamshard.errors import DeferredInterrupts, Interrupted
 from dreamshard.format.lease import lease_for
 from dreamshard.format.store import Store, atomic_write, atomic_write_json
 from dreamshard.logs import StageProgress
@@ -46,11 +45,13 @@ from dreamshard.trainer.checkpoints import (
     save_checkpoint,
     weights_digest,
 )
-from dreamshard.trainer.data import DataError, EvalSet, ShardAccess, check_labels, train_loader
+from dreamshard.trainer.data import EvalSet, ShardAccess
 from dreamshard.trainer.evaluation import evaluate_and_save
-from dreamshard.trainer.methods import build_method
+from dreamshard.trainer.methods import Gradients, build_method
 from dreamshard.trainer.model import Segmenter, head_parameter_groups
+from dreamshard.trainer.pictures import write_pictures
 from dreamshard.trainer.runtime import Runtime, gather, init_distributed, runtime, sync_buffers
+from dreamshard.trainer.streams import BatchSizes, DataStreams, batch_sizes, iteration_seed, trim_records
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,10 @@ class TrainSummary:
     train_s: float = 0.0
     images_per_s: float | None = None  # None: nothing was trained (resumed at max_iters)
     it_per_s: float | None = None
-    skipped_shards: int = 0  # shards the data streams skipped (unreadable) or found cut short, summed over ranks' workers
-    skipped_samples: int = 0  # samples they skipped (undecodable, no label)
+    skipped_shards: int = 0  # distinct shards the data streams skipped (unreadable) or found cut short, over all ranks
+    skipped_samples: int = 0  # sample positions filled with another sample of the block (unreadable, undecodable, no label)
+    batch: dict = field(default_factory=dict)  # samples per domain: global (per iteration), per_rank (per micro-step), world_size, grad_accum
+    data_position: dict = field(default_factory=dict)  # where the streams stopped: samples_seen, and per domain epoch and in_epoch
     weights_sha256: str = ""
     output: str = ""
     ranks: list[dict] = field(default_factory=list)  # per rank: steps and weights digest (equal under DDP)
@@ -111,18 +114,20 @@ def _train(config: TrainConfig, rt: Runtime, out: Path, restart: bool, val_set, 
     if dist.is_initialized():
         dist.barrier()
     state, student = build_state(config, rt, out)
+    sizes = batch_sizes(config.data, config.optim.grad_accum, rt.world)
+    streams = DataStreams(config, rt, state, sizes, out)  # refuses data that changed under the checkpoint
     if rt.main:  # only once the checkpoint (if any) has loaded: a refused resume leaves the old run's record
         atomic_write(out / "config.yaml", dump_config(config))
         record_settings(out, config)
+        trim_records(out / "metrics.jsonl", state.iteration)  # lines past the checkpoint describe lost work
     start = state.iteration
-    if rt.main and start == 0:
-        (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
     best = BestEvaluation(out / "checkpoints", rt, config, start)
-    torch.manual_seed(config.seed * 1_000_003 + start * 1000 + rt.rank)  # augmentation draws differ per rank
-    iterators = data_streams(config, start)
     logger = MetricsLog(out, rt)
     train_started = time.time()
-    images, skipped = run_iterations(config, rt, state, student, iterators, logger, out, val_set, best, renew_lease)
+    try:
+        meter = run_iterations(config, rt, state, student, streams, logger, out, val_set, best, renew_lease)
+    finally:
+        streams.close()
     train_seconds = time.time() - train_started
     sync_buffers(state.model, rt)
     if start < config.max_iters and rt.main:
@@ -132,11 +137,13 @@ def _train(config: TrainConfig, rt: Runtime, out: Path, restart: bool, val_set, 
         last_eval = evaluate_and_save(config, state.model, rt, out, config.max_iters, val_set)
         logger.write({"iteration": config.max_iters, **_eval_record(last_eval)})
         best.update(last_eval, config.max_iters, state.model)
-    shards, samples = skipped_totals(skipped)
-    if shards or samples:
-        log.warning("skipped %d shard(s) and %d sample(s) while training (the warnings above name them)", shards, samples)
-    speed = Speed(images, config.max_iters - start, train_seconds)
-    summary = summarize(config, rt, state, start, last_eval, best, speed, (shards, samples), time.time() - started)
+    speed = Speed(meter.images, config.max_iters - start, train_seconds)
+    summary = summarize(config, rt, state, start, last_eval, best, speed, streams, sizes, time.time() - started)
+    if summary.skipped_shards or summary.skipped_samples:
+        log.warning(
+            "skipped %d shard(s) and filled %d sample position(s) with other samples while training (the warnings above name them)",
+            summary.skipped_shards, summary.skipped_samples,
+        )  # fmt: skip
     if rt.main:
         atomic_write_json(out / SUMMARY, dataclasses.asdict(summary))
     logger.close()
@@ -151,8 +158,9 @@ class Speed:
 
 
 def summarize(
-    config: TrainConfig, rt: Runtime, state: TrainState, start: int, last_eval: dict | None, best, speed: Speed, skipped: tuple[int, int], wall: float
-) -> TrainSummary:
+    config: TrainConfig, rt: Runtime, state: TrainState, start: int, last_eval: dict | None, best, speed: Speed, streams: DataStreams, sizes: BatchSizes,
+    wall: float,
+) -> TrainSummary:  # fmt: skip
     """The run's summary (every rank computes it; rank 0 writes it)."""
     evaluated = {k: last_eval[k] for k in (*EVAL_METRICS, "pixels") if k in last_eval} if last_eval else {}
     trained = speed.iterations > 0
@@ -169,22 +177,30 @@ def summarize(
         train_s=speed.seconds,
         images_per_s=speed.images / speed.seconds if trained else None,
         it_per_s=speed.iterations / speed.seconds if trained else None,
-        skipped_shards=skipped[0],
-        skipped_samples=skipped[1],
         weights_sha256=weights_digest(state.model),
         output=str(config.output.path),
+        batch=sizes.record(),
+        data_position=state.data,
     )
-    # Every rank's own step count and weights: equal when DDP kept the ranks in step.
-    summary.ranks = gather({"steps": speed.iterations, "weights_sha256": summary.weights_sha256}, rt)
+    # Every rank's own step count and weights (equal when DDP kept the ranks in step) and what its streams skipped.
+    problems, substituted = streams.skipped()
+    ranks = gather({"steps": speed.iterations, "weights_sha256": summary.weights_sha256, "skipped": problems, "substituted": substituted}, rt)
+    summary.skipped_shards = len({url for rank in ranks for url in rank.pop("skipped")})
+    summary.skipped_samples = sum(rank.pop("substituted") for rank in ranks)
+    summary.ranks = ranks
     return summary
 
 
 def build_state(config: TrainConfig, rt: Runtime, out: Path) -> tuple[TrainState, torch.nn.Module]:
     """Model, method, optimiser, schedule and scaler, resumed from the newest checkpoint when there is one;
-    and the student as the loop calls it (DDP-wrapped on several ranks)."""
+    and the student as the loop calls it (DDP-wrapped on several ranks, compiled with train.compile)."""
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts them)
     model = Segmenter(config.model).to(rt.device)
-    student = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.world > 1 else model
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    student: torch.nn.Module = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.world > 1 else model
+    if config.compile:
+        student = torch.compile(student)
     optim = config.optim
     optimizer = torch.optim.AdamW(head_parameter_groups(model, optim.lr, optim.head_lr_mult, optim.weight_decay), betas=optim.betas)
     state = TrainState(
@@ -201,66 +217,88 @@ def build_state(config: TrainConfig, rt: Runtime, out: Path) -> tuple[TrainState
     return state, student
 
 
-def data_streams(config: TrainConfig, start: int) -> dict:
-    """One endless batch iterator per domain the method reads; a resumed run draws new data, not a replay."""
-    remaining = (config.max_iters - start) * config.optim.grad_accum
-    data_seed = config.seed * 1_000_003 + start
-    rcs_cache = Path(config.data.cache_dir) / "rcs"
-    loaders = {
-        name: train_loader(
-            name, getattr(config.data, name), config.data, labelled, data_seed, remaining, config.uda.rcs if name == "source" else None, rcs_cache
-        )
-        for name, labelled in training_domains(config).items()
-    }
-    return {name: iter(loader) for name, loader in loaders.items()}
+class Meter:
+    """Images seen, and the losses summed on the device over a log interval (read once per interval: the
+    iterations in between never wait on the host)."""
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    def add(self, logs: dict[str, torch.Tensor], weight: float) -> None:
+        for key, value in logs.items():
+            value = value.detach().float() * weight
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+
+    def means(self) -> dict[str, float]:
+        """The interval's mean losses (one device-to-host copy), and a new interval."""
+        if not self.sums:
+            return {}
+        values = torch.stack(list(self.sums.values())).cpu().tolist()
+        means = {key: value / max(self.steps, 1) for key, value in zip(self.sums, values)}
+        self.sums, self.steps = {}, 0
+        return means
 
 
 def run_iterations(
-    config: TrainConfig, rt: Runtime, state: TrainState, student, iterators: dict, logger: MetricsLog, out: Path, val_set=None, best=None,
+    config: TrainConfig, rt: Runtime, state: TrainState, student, streams: DataStreams, logger: MetricsLog, out: Path, val_set=None, best=None,
     renew_lease: Callable[..., None] = lambda now=False: None,
-):  # fmt: skip
-    """Iterations state.iteration .. max_iters: steps, logging, periodic evaluation and checkpoints.
-    Returns (images seen, skipped samples per (domain, worker))."""
-    start, images = state.iteration, 0
-    skipped: dict[tuple[str, int], tuple[int, int]] = {}
-    accum = config.optim.grad_accum
+) -> Meter:  # fmt: skip
+    """Iterations state.iteration .. max_iters: steps, logging, pictures, periodic evaluation and checkpoints."""
+    start, meter = state.iteration, Meter()
     started = time.time()
     show = rt.main and config.progress
     with DeferredInterrupts() as interrupts, StageProgress(f"train {config.method}", config.max_iters, "iterations", completed=start, enabled=show) as progress:
         for iteration in range(start, config.max_iters):
-            state.method.begin_iteration(iteration)
-            state.optimizer.zero_grad(set_to_none=True)
-            logs: dict[str, float] = {}
-            for micro in range(accum):
-                batch = next_batch(iterators, rt.device, config.model.num_classes, skipped)
-                images += sum(t.shape[0] for k, t in batch.items() if k.endswith("_image")) * rt.world
-                sync = contextlib.nullcontext() if micro == accum - 1 or rt.world == 1 else student.no_sync()
-                with sync, rt.autocast():
-                    step_logs = state.method.step(batch, lambda loss: state.scaler.scale(loss / accum).backward())
-                for key, value in step_logs.items():
-                    logs[key] = logs.get(key, 0.0) + value / accum
-            state.scaler.step(state.optimizer)
-            state.scaler.update()
-            state.scheduler.step()
-            state.iteration = done = iteration + 1
+            visual = rt.main and bool(config.image_interval) and (iteration + 1) % config.image_interval == 0
+            train_step(config, rt, state, student, streams, meter, visual)
+            done = state.iteration
             renew_lease()
-
             elapsed = max(time.time() - started, 1e-9)
             if done % config.log_interval == 0 or done == config.max_iters:
                 lr = state.optimizer.param_groups[0]["lr"]
-                logger.write({"iteration": done, "lr": lr, **logs, "images_per_s": images / elapsed, "skipped": sum(skipped_totals(skipped))})
-            losses = " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in logs.items())
-            progress.update(done, f"{(done - start) / elapsed:.2f} it/s {losses}")
-            if config.eval_interval and done % config.eval_interval == 0 and done < config.max_iters and config.data.val:
-                evaluation = evaluate_and_save(config, state.model, rt, out, done, val_set)
-                logger.write({"iteration": done, **_eval_record(evaluation)})
-                if best is not None:
-                    best.update(evaluation, done, state.model)
-            if config.checkpoint_interval and done % config.checkpoint_interval == 0 and done < config.max_iters and rt.main:
-                save_checkpoint(out / "checkpoints", state, config)
+                logger.write({"iteration": done, "lr": lr, **meter.means(), "images_per_s": meter.images / elapsed, "substituted": streams.substituted})
+            progress.update(done, f"{(done - start) / elapsed:.2f} it/s")
+            if visual:
+                write_pictures(out, done, state.method.visuals, state.model, config.model.num_classes, logger.tb)
+            periodic_work(config, rt, state, out, val_set, best, logger, done)
             if stop_requested(interrupts, rt, done, config.log_interval):
                 raise stopped_at(done, state, config, out, rt, interrupts.sigterm)
-    return images, skipped
+    return meter
+
+
+def train_step(config: TrainConfig, rt: Runtime, state: TrainState, student, streams: DataStreams, meter: Meter, visual: bool = False) -> None:
+    """One iteration: grad_accum micro-steps of the method, one optimiser step, the position moved on. The
+    torch seed is set per iteration and rank, so a resumed run repeats the uninterrupted one's draws."""
+    torch.manual_seed(iteration_seed(config.seed, state.iteration, rt.rank))
+    state.method.begin_iteration(state.iteration)
+    state.optimizer.zero_grad(set_to_none=True)
+    accum = config.optim.grad_accum
+    for micro in range(accum):
+        batch = streams.next_batch()
+        grads = Gradients(student, state.scaler.scale, accum, last_micro=micro == accum - 1)
+        with rt.autocast():
+            logs = state.method.step(batch, grads, visual=visual and micro == 0)
+        meter.add(logs, 1 / accum)
+    meter.steps += 1
+    meter.images += streams.sizes.global_batch * len(streams.samples)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.scheduler.step()
+    state.iteration += 1
+    streams.advance(state)
+
+
+def periodic_work(config: TrainConfig, rt: Runtime, state: TrainState, out: Path, val_set, best, logger: MetricsLog, done: int) -> None:
+    """Evaluation and checkpoints at their intervals (the last iteration's are the caller's)."""
+    if config.eval_interval and done % config.eval_interval == 0 and done < config.max_iters and config.data.val:
+        evaluation = evaluate_and_save(config, state.model, rt, out, done, val_set)
+        logger.write({"iteration": done, **_eval_record(evaluation)})
+        if best is not None:
+            best.update(evaluation, done, state.model)
+    if config.checkpoint_interval and done % config.checkpoint_interval == 0 and done < config.max_iters and rt.main:
+        save_checkpoint(out / "checkpoints", state, config)
 
 
 def stop_requested(interrupts: DeferredInterrupts, rt: Runtime, done: int, every: int) -> bool:
@@ -280,38 +318,6 @@ def stopped_at(done: int, state: TrainState, config: TrainConfig, out: Path, rt:
     if rt.main and latest_checkpoint(out / "checkpoints") != out / "checkpoints" / f"iter_{done:07d}":
         save_checkpoint(out / "checkpoints", state, config)
     return Interrupted(f"stopped after iteration {done} and wrote a checkpoint there: a re-run of the same command resumes from it", sigterm)
-
-
-def skipped_totals(skipped: dict) -> tuple[int, int]:
-    """(shards, samples) the data streams skipped, over every domain and DataLoader worker."""
-    return sum(counts[0] for counts in skipped.values()), sum(counts[1] for counts in skipped.values())
-
-
-def training_domains(config: TrainConfig) -> dict[str, bool]:
-    """Which data streams the method reads, and whether each must carry labels."""
-    if config.method == "dacs":
-        return {"source": True, "target": False}
-    if config.method == "supervised_synthetic":
-        return {"source": True, "target": True} if config.data.source else {"target": True}
-    return {"source": True}
-
-
-def next_batch(iterators: dict, device: torch.device, num_classes: int, skipped: dict) -> dict[str, torch.Tensor]:
-    """One batch per domain, on device: `{domain}_image` float [0, 1], `{domain}_label` long."""
-    batch = {}
-    for name, iterator in iterators.items():
-        try:
-            raw = next(iterator)
-        except StopIteration:
-            raise DataError(f"the {name} data stream ended early: no readable samples (all shards or samples corrupt or filtered out?)") from None
-        except DataError as exc:  # raised in a DataLoader worker: torch re-raises it with the worker's traceback as text
-            raise DataError(one_line(exc, last=True).removeprefix(f"{DataError.__module__}.DataError: ")) from None
-        skipped[(name, raw["worker"])] = tuple(int(value) for value in raw["skipped"])
-        batch[f"{name}_image"] = raw["image"].to(device, non_blocking=True).float().div_(255)
-        if "label" in raw:
-            check_labels(raw["label"], num_classes, f"{name} data")
-            batch[f"{name}_label"] = raw["label"].to(device, non_blocking=True).long()
-    return batch
 
 
 def lr_factor(optim: OptimConfig, max_iters: int):

@@ -1,7 +1,8 @@
-"""Training methods: one `step` per iteration computes the losses and calls `backward` on each; the loop
-owns the optimiser step. `dacs` follows DAFormer's `mmseg/models/uda/dacs.py`:
+"""Training methods: one `step` per micro-batch computes the losses and sends each through `Gradients`;
+the loop owns the optimiser step. `dacs` follows DAFormer's `mmseg/models/uda/dacs.py`:
 
-1. EMA teacher update (copy at iteration 0), over parameters only (`begin_iteration`);
+1. EMA teacher update (copy at iteration 0), over parameters only (`begin_iteration`, one fused
+   `torch._foreach_lerp_` over all of them);
 2. supervised CE on the source crop (+ ImageNet feature distance on thing classes) → backward;
 3. the teacher pseudo-labels the clean target crop; quality weight q = share of pixels with max prob
    ≥ 0.968, broadcast to every target pixel (or a per-pixel hard mask), zeroed in the ignore margins;
@@ -9,11 +10,15 @@ owns the optimiser step. `dacs` follows DAFormer's `mmseg/models/uda/dacs.py`:
    strong colour jitter + blur on the mixed image, weighted CE → backward;
 5. MIC (option): the strongly augmented target with random blocks masked out, trained on the same
    pseudo-labels → backward.
-Gradients of all losses accumulate before the single optimiser step.
+Gradients of all losses accumulate before the single optimiser step. Under DDP only the last backward of an
+iteration all-reduces (the others run under `no_sync`), as DAFormer's one-GPU step needs none: one gradient
+all-reduce per iteration. Losses come back as device tensors (logged at intervals, so no step waits on the
+host), and nothing in a step copies a value to the host.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable
@@ -27,8 +32,27 @@ from torch import nn
 from dreamshard.config import TrainConfig, UDAConfig
 from dreamshard.datasets.labels import IGNORE_INDEX
 
-Backward = Callable[[torch.Tensor], None]
 Batch = dict[str, torch.Tensor]
+PICTURE_ROWS = 2  # images of a batch shown in the pictures
+
+
+class Gradients:
+    """Where a method's losses go: `backward(loss)` scales for gradient accumulation (and the fp16 grad
+    scaler), and `sync(final)` wraps one forward+backward: under DDP only the `final` pass of the last
+    micro-step all-reduces; every other pass runs under `no_sync` and its gradients join that one."""
+
+    def __init__(self, model: nn.Module, scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss, accum: int = 1, last_micro: bool = True):
+        self.model, self.scale, self.accum, self.last_micro = model, scale, accum, last_micro
+        self.passes = 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.passes += 1
+        self.scale(loss / self.accum).backward()
+
+    def sync(self, final: bool):
+        if final and self.last_micro or not hasattr(self.model, "no_sync"):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
 
 
 def weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -39,7 +63,12 @@ def weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+    """The plain segmenter inside a DDP and/or torch.compile wrapper."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or (model.module if isinstance(model, nn.parallel.DistributedDataParallel) else None)
+        if inner is None:
+            return model
+        model = inner
 
 
 class SourceOnly:
@@ -48,16 +77,24 @@ class SourceOnly:
     def __init__(self, model: nn.Module, domains: tuple[str, ...] = ("source",)):
         self.model = model
         self.domains = domains
+        self.visuals: dict[str, torch.Tensor] = {}
 
     def begin_iteration(self, iteration: int) -> None:
         pass
 
-    def step(self, batch: Batch, backward: Backward) -> dict[str, float]:
+    def step(self, batch: Batch, grads: Gradients, visual: bool = False) -> dict[str, torch.Tensor]:
         logs = {}
-        for domain in self.domains:
-            loss = weighted_ce(self.model(batch[f"{domain}_image"]), batch[f"{domain}_label"])
-            backward(loss)
-            logs[f"loss_{domain}"] = loss.item()
+        for i, domain in enumerate(self.domains):
+            with grads.sync(final=i == len(self.domains) - 1):
+                loss = weighted_ce(self.model(batch[f"{domain}_image"]), batch[f"{domain}_label"])
+                grads.backward(loss)
+            logs[f"loss_{domain}"] = loss.detach()
+        if visual:
+            self.visuals = {
+                name: batch[f"{domain}_{kind}"][:PICTURE_ROWS].detach()
+                for domain in self.domains
+                for kind, name in (("image", f"{domain} image"), ("label", f"{domain} label"))
+            }
         return logs
 
     def state_dicts(self) -> dict[str, dict]:
@@ -75,6 +112,7 @@ class DACS:
         self.teacher = freeze(copy.deepcopy(unwrap(model)))
         # FD compares against the backbone as it was before training (ImageNet weights when pretrained).
         self.imnet = freeze(copy.deepcopy(unwrap(model).backbone)).eval() if config.fd.enabled else None
+        self.visuals: dict[str, torch.Tensor] = {}
 
     def state_dicts(self) -> dict[str, dict]:
         return {"teacher": self.teacher.state_dict()}
@@ -90,47 +128,56 @@ class DACS:
             self.teacher.load_state_dict(student.state_dict())
             return
         alpha = min(1 - 1 / (iteration + 1), self.config.alpha)
-        for t, s in zip(self.teacher.parameters(), student.parameters()):
-            t.lerp_(s.detach(), 1 - alpha)
+        teacher = list(self.teacher.parameters())
+        torch._foreach_lerp_(teacher, [p.detach() for p in student.parameters()], 1 - alpha)
 
-    def step(self, batch: Batch, backward: Backward) -> dict[str, float]:
+    def step(self, batch: Batch, grads: Gradients, visual: bool = False) -> dict[str, torch.Tensor]:
         cfg = self.config
         src_img, src_lbl, tgt_img = batch["source_image"], batch["source_label"], batch["target_image"]
         logs = {}
 
         # Source CE (+ FD on the same forward, so DDP sees one backward per forward).
-        if self.imnet is not None:
-            logits, features = self.model(src_img, with_features=True)
-            loss_src = weighted_ce(logits, src_lbl)
-            loss_fd = self.feature_distance(features[-1], src_img, src_lbl)
-            logs["loss_fd"] = loss_fd.item()
-            loss_src_total = loss_src + loss_fd
-        else:
-            loss_src = loss_src_total = weighted_ce(self.model(src_img), src_lbl)
-        backward(loss_src_total)
-        logs["loss_source"] = loss_src.item()
+        with grads.sync(final=False):
+            if self.imnet is not None:
+                logits, features = self.model(src_img, with_features=True)
+                loss_src = weighted_ce(logits, src_lbl)
+                loss_fd = self.feature_distance(features[-1], src_img, src_lbl)
+                logs["loss_fd"] = loss_fd.detach()
+                loss_src_total = loss_src + loss_fd
+            else:
+                loss_src = loss_src_total = weighted_ce(self.model(src_img), src_lbl)
+            grads.backward(loss_src_total)
+        logs["loss_source"] = loss_src.detach()
 
         pseudo_label, pseudo_weight, quality = self.pseudo_label(tgt_img)
         logs["pseudo_quality"] = quality
 
-        masks = class_mix_masks(src_lbl)
+        masks = class_mix_masks(src_lbl, self.num_classes)
         mixed_img = masks[:, None] * src_img + (1 - masks[:, None]) * tgt_img
         mixed_lbl = torch.where(masks.bool(), src_lbl, pseudo_label)
         mixed_weight = masks + (1 - masks) * pseudo_weight
         mixed_img = strong_augment(mixed_img, cfg)
-        loss_mix = weighted_ce(self.model(mixed_img), mixed_lbl, mixed_weight)
-        backward(loss_mix)
-        logs["loss_mix"] = loss_mix.item()
+        with grads.sync(final=not cfg.mic.enabled):
+            loss_mix = weighted_ce(self.model(mixed_img), mixed_lbl, mixed_weight)
+            grads.backward(loss_mix)
+        logs["loss_mix"] = loss_mix.detach()
 
         if cfg.mic.enabled:
             masked = mask_blocks(strong_augment(tgt_img, cfg), cfg.mic.mask_ratio, cfg.mic.block_size, unwrap(self.model).mean)
-            loss_mic = cfg.mic.weight * weighted_ce(self.model(masked), pseudo_label, pseudo_weight)
-            backward(loss_mic)
-            logs["loss_mic"] = loss_mic.item()
+            with grads.sync(final=True):
+                loss_mic = cfg.mic.weight * weighted_ce(self.model(masked), pseudo_label, pseudo_weight)
+                grads.backward(loss_mic)
+            logs["loss_mic"] = loss_mic.detach()
+        if visual:
+            rows = slice(0, PICTURE_ROWS)
+            self.visuals = {
+                "target image": tgt_img[rows], "pseudo-label": pseudo_label[rows], "confident (>= threshold)": self._confidence[rows],
+                "source image": src_img[rows], "source label": src_lbl[rows], "mixed image": mixed_img[rows].detach(), "mixed label": mixed_lbl[rows],
+            }  # fmt: skip
         return logs
 
     @torch.no_grad()
-    def pseudo_label(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def pseudo_label(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teacher argmax on the clean target, its per-pixel weight and the quality q (share of confident pixels)."""
         cfg = self.config
         # DAFormer leaves the teacher in train mode (BN on batch statistics) but switches off dropout and
@@ -142,9 +189,10 @@ class DACS:
         logits = F.interpolate(self.teacher(target), size=target.shape[-2:], mode="bilinear", align_corners=False)
         max_prob, label = torch.softmax(logits.float(), dim=1).max(dim=1)
         confident = max_prob >= cfg.pseudo_threshold
-        quality = confident.float().mean().item()
+        self._confidence = confident
+        quality = confident.float().mean()  # a device scalar: no host sync
         if cfg.pseudo_weight == "threshold_uniform":
-            weight = torch.full_like(max_prob, quality)
+            weight = quality.expand_as(max_prob).clone()
         elif cfg.pseudo_weight == "threshold":
             weight = confident.float()
         else:
@@ -164,10 +212,9 @@ class DACS:
         distance = torch.norm(features.float() - imnet_features.float(), dim=1)
         scale = labels.shape[-1] // features.shape[-1]
         small = downscale_labels(labels, scale, fd.scale_min_ratio, self.num_classes)
-        things = torch.isin(small, torch.tensor(fd.thing_classes, device=small.device))
-        if not things.any():  # no thing pixels in this batch: no FD term (but keep the graph connected)
-            return distance.sum() * 0
-        return fd.weight * distance[things].mean()
+        things = torch.isin(small, torch.tensor(fd.thing_classes, device=small.device)).to(distance.dtype)
+        # The mean over thing pixels, written so that a batch without any is 0 (graph kept) with no host sync.
+        return fd.weight * (distance * things).sum() / things.sum().clamp(min=1)
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -176,17 +223,19 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-def class_mix_masks(labels: torch.Tensor) -> torch.Tensor:
-    """Per image, a {0, 1} float mask of the pixels of a random half (rounded up) of its source classes."""
-    masks = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
-    for i, label in enumerate(labels):
-        classes = label.unique()
-        classes = classes[classes != IGNORE_INDEX]
-        if classes.numel() == 0:
-            continue
-        chosen = classes[torch.randperm(classes.numel(), device=labels.device)[: (classes.numel() + 1) // 2]]
-        masks[i] = torch.isin(label, chosen).float()
-    return masks
+def class_mix_masks(labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """Per image, a {0, 1} float mask of the pixels of a random half (rounded up) of its source classes.
+    All on the device: each present class gets a random score, and the classes whose score ranks in the
+    lower half (rounded up) of the image's present classes are chosen (no per-image `unique`, no sync)."""
+    b, classes = labels.shape[0], num_classes or IGNORE_INDEX  # without num_classes: any id below 255
+    flat = labels.reshape(b, -1).long()
+    bins = torch.where(flat == IGNORE_INDEX, torch.full_like(flat, classes), flat.clamp(max=classes))
+    present = torch.zeros(b, classes + 1, device=labels.device).scatter_(1, bins, 1.0)[:, :classes].bool()
+    scores = torch.rand(b, classes, device=labels.device).masked_fill(~present, 2.0)  # absent classes rank last
+    rank = scores.argsort(dim=1).argsort(dim=1)
+    chosen = present & (rank < (present.sum(dim=1, keepdim=True) + 1) // 2)
+    chosen = torch.cat([chosen, torch.zeros(b, 1, dtype=torch.bool, device=labels.device)], dim=1)  # ignore: never
+    return chosen.gather(1, bins).reshape(labels.shape).float()
 
 
 def strong_augment(images: torch.Tensor, config: UDAConfig) -> torch.Tensor:
