@@ -180,7 +180,8 @@ def test_two_loras_with_scales_fuse_change_the_images_and_the_fingerprint(tiny_m
     assert digest(parts.parts["model"]) != digest(other.parts["model"])
     store = Store(tmp_path / "run")
     store.makedirs()
-    store.write_json("dreamshard.json", {"fingerprints": parts.digests, "fingerprint_parts": parts.parts})
+    record = {"samples_per_shard": 10, "num_samples": 10, "num_shards": 1, "image_format": "jpg"}  # a valid record's shape
+    store.write_json("dreamshard.json", {**record, "fingerprints": parts.digests, "fingerprint_parts": parts.parts})
     differs = other.changes_from(parts.digests, parts.parts)
     assert len(differs) == 1 and differs[0].startswith("model (loras: ") and "'scale': 0.7" in differs[0]
     refusal = RunDir(store).conflict(other)

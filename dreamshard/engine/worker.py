@@ -37,7 +37,7 @@ from dreamshard.engine.quality import REASONS, QualityJudge
 from dreamshard.engine.records import activation_gib
 from dreamshard.errors import RunFailure, UserError
 from dreamshard.format.shards import ShardSample, ShardWriter
-from dreamshard.format.store import Store
+from dreamshard.format.store import Store, store_error
 
 # A copy's states: running (generating or waiting for the pipeline), sealed (a backup waiting for the
 # driver), publishing, published, aborted.
@@ -202,6 +202,9 @@ class GenerationWorker:
         return marker
 
     def _write_error(self, shard: int, exc: OSError) -> UserError:
+        unreachable = store_error(exc)  # an object store that timed out or refused: not a path to change
+        if unreachable is not None:
+            return RunFailure(f"cannot write shard {shard} to {self.store.url}: {unreachable}")
         message = f"cannot write shard {shard} to {self.store.url}: {exc.strerror or exc}"
         if exc.errno == errno.ENOSPC:
             return RunFailure(f"{message}; free space or choose another --out, then re-run to resume")
