@@ -137,3 +137,23 @@ def test_backbone_and_decoder_train_evaluate_and_keep_the_best(toy, tmp_path, ba
     result = CliRunner().invoke(app, ["eval", config, "--checkpoint", str(best), "-o", str(tmp_path / "best.json"), *sets])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "best.json").read_text())["mIoU"] == pytest.approx(summary.best["mIoU"])
+
+
+@pytest.mark.slow
+def test_channels_last_and_compiled_student_train_and_save_plain_weights(toy, tmp_path, monkeypatch):
+    """train.channels_last and train.compile (torch.compile with its eager backend here: Dynamo's tracing and
+    wrapping, without the minutes a C++ compile takes on CPU): the teacher, the checkpoint and `eval` see the
+    plain segmenter."""
+    import functools
+
+    import torch
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    small = {"model.embed_dim": 16, "data.batch_size": 2, "data.crop_size": "[32, 32]", "data.val.folder.limit": 8, "image_interval": 2}
+    summary = train(toy_config(toy, tmp_path / "run", "dacs", max_iters=2, channels_last="true", compile="true", **small))
+    assert summary.mIoU is not None and summary.ranks[0]["steps"] == 2
+    weights = load_file(tmp_path / "run" / "checkpoints" / "iter_0000002" / "model.safetensors")
+    teacher = load_file(tmp_path / "run" / "checkpoints" / "iter_0000002" / "teacher.safetensors")
+    assert set(weights) == set(teacher) and not any("_orig_mod" in name or name.startswith("module.") for name in weights)
+    assert (tmp_path / "run" / "images" / "iter_0000002.png").is_file()
