@@ -127,6 +127,10 @@ class ConditionConfig(Strict):
     strength: float | None = None
     strength_by_style: dict[str, float] = {}
     init_noise: Literal["random", "stochastic_inversion"] = "random"
+    # Where stochastic_inversion inverts: `first_step`, at the first denoising timestep (diffusers' img2img
+    # noising; 851 for 20 DDIM steps at strength 0.9), or `zodi`, at int(strength x 1000) on the training
+    # scale as ZoDi's code does (900), the denoising then starting from the schedule's step below it (851).
+    inversion_timestep: Literal["first_step", "zodi"] = "first_step"
     controlnet_scale: float = 1.0  # controlnet_conditioning_scale
     # The colours of the label map shown to ControlNet: `cityscapes` (the 19 train ids' colours, other ids
     # black), `cityscapes_color` (cityscapesScripts' 34 label-id colours, the *_gtFine_color.png that ZoDi
@@ -157,6 +161,12 @@ class PromptsConfig(Strict):
     token: str = "sks"  # the personalisation identifier
     classes: list[str] = ["car", "bus", "truck", "person", "rider", "motorcycle", "bicycle", "train"]
     class_weights: dict[str, float] = {}  # class -> weight (1.0 if unlisted); needs weighted/least_generated
+    # The words {cls} stands for in the prompt, per class (unlisted: the class name). DATUM prompts plural nouns
+    # ("a photo of sks cars"): {car: cars, ...}. The sample's class_name stays the class, as the trainer names it.
+    class_words: dict[str, str] = {}
+    # Conditioned modes, the {least_class} placeholder (DIDEX): classes never named there (DIDEX's SYNTHIA
+    # script: terrain, truck, train, which SYNTHIA lacks).
+    least_class_exclude: list[str] = []
     balance: Literal["round_robin", "weighted", "least_generated"] = "round_robin"
     templates: list[TemplateConfig] = [TemplateConfig(text="a photo of a {token} {cls}")]  # {classes}: see TemplateConfig
     styles: dict[str, list[str]] = {}  # DIDEX axes: {weather: [rainy, snowy], time_of_day: [...]}
@@ -361,12 +371,33 @@ class DomainConfig(Strict):
     folder: SourceConfig | None = None
     shards: ShardsConfig | None = None
     resize: tuple[int, int] | None = None  # (height, width) before cropping; None keeps the stored size
+    # `exact`: to height x width; `keep_ratio`: mmseg's Resize(keep_ratio=True), the largest size whose long
+    # and short sides fit resize's long and short sides, each rounded (GTA5's 1914x1052 at [720, 1280] → 704x1280).
+    resize_mode: Literal["exact", "keep_ratio"] = "exact"
+    # The image kernel: `pil` (bilinear with antialiasing), `pil_lanczos` (ZoDi) or `cv2` (OpenCV's
+    # INTER_LINEAR, as mmseg's pipelines resize: no antialiasing; labels then as cv2's INTER_NEAREST), the
+    # latter computed with torch (OpenCV's fixed-point rounding can differ by one grey level).
+    resize_kernel: Literal["pil", "pil_lanczos", "cv2"] = "pil"
+    # Evaluation: score at the resized image's size, the labels resized to it (nearest) as ZoDi does (its ACDC
+    # at 512x1024); default: the logits resized to the labels' full resolution (DAFormer, mmseg).
+    resize_labels: bool = False
 
     @model_validator(mode="after")
     def _one_kind(self) -> DomainConfig:
         if (self.folder is None) == (self.shards is None):
             raise ValueError("give exactly one of 'folder' (a dataset on disk) or 'shards' (engine shards)")
         return self
+
+
+class ColorJitterConfig(Strict):
+    """Colour jitter in the weak augmentation (ZoDi's, torchvision semantics, every image): brightness,
+    contrast and saturation factors from U(1 - x, 1 + x), hue from U(-h, h) (a fraction of the colour circle),
+    applied in that order, each image its own draws."""
+
+    brightness: float = Field(0.5, ge=0)
+    contrast: float = Field(0.5, ge=0)
+    saturation: float = Field(0.5, ge=0)
+    hue: float = Field(0.3, ge=0, le=0.5)
 
 
 class TrainDataConfig(Strict):
@@ -388,11 +419,34 @@ class TrainDataConfig(Strict):
     # bench/bench_trainer.py measured torchvision as fast or faster in every setting (docs/benchmarks.md).
     decoder: Literal["torchvision", "pil"] = "torchvision"
     record_samples: bool = False  # write each rank's sample keys per iteration to OUTPUT/samples/rank{r}.jsonl
+    color_jitter: ColorJitterConfig | None = None  # weak colour jitter on every training image (ZoDi); None: none
+    # Source images as the twins of the target samples (ZoDi): for each target sample, the source item its
+    # json `source_key` names, cropped and flipped with the same window (the two must have one size after the
+    # resize). The source then follows the target's epoch order.
+    paired: bool = False
     cache_dir: str = ".cache/dreamshard"  # rare-class-sampling statistics, computed once per source dataset
     # Shard streams skip bad shards and samples, but stop (one line, exit 1) when more than this share of the
     # shards read so far failed, or every one did.
     max_bad_fraction: float = Field(0.5, ge=0, le=1)
     allow_pipe: bool = False  # `pipe:` shard URLs run a shell command; off unless you mean it
+
+
+class HRDAConfig(Strict):
+    """HRDA's multi-resolution training and inference (Hoyer et al., ECCV 2022; lhoyer/HRDA, lhoyer/MIC seg/):
+    a low-resolution context (the whole crop at `lr_scale`) and a high-resolution detail crop (`hr_crop_size`
+    at full resolution, its corner on a grid of `crop_divisible`) through one backbone and one head, fused by a
+    learned scale attention from the context features. Inference: the context over the whole input, the detail
+    in overlapping sliding windows of `hr_crop_size` (stride half of it), the attention everywhere."""
+
+    enabled: bool = False
+    lr_scale: float = Field(0.5, gt=0, lt=1)
+    hr_crop_size: tuple[int, int] = (512, 512)  # (height, width) of the detail crop at full resolution
+    crop_divisible: int = Field(8, ge=1)  # HRDA: 8 (the context logits' stride: 4 / 0.5)
+    attention_embed_dim: int = Field(256, ge=8)
+    attention_classwise: bool = True  # one attention map per class (HRDA's default) or one for all
+    hr_loss_weight: float = Field(0.1, ge=0, le=1)  # the detail crop's own loss; the fused one gets 1 - this
+    fixed_attention: float | None = Field(None, ge=0, le=1)  # an ablation: a constant attention instead of the learned one
+    hr_slide_overlapping: bool = True  # inference windows at a stride of half the detail crop (else the crop)
 
 
 class TrainModelConfig(Strict):
@@ -416,6 +470,11 @@ class TrainModelConfig(Strict):
     dropout: float = Field(0.1, ge=0, lt=1)
     num_classes: int = Field(19, ge=2, le=255)
     class_names: list[str] = []  # empty: the 19 Cityscapes classes, or class0..N-1
+    # The daformer / segformer heads' initialisation: `pytorch` (its defaults) or `daformer` (mmcv's: kaiming-
+    # normal fan_out for the BN-ReLU convs, a N(0, 0.01) classifier), which the paper configs use. On the
+    # toy shift from a random backbone `daformer` trains worse (docs/benchmarks.md).
+    head_init: Literal["pytorch", "daformer"] = "pytorch"
+    hrda: HRDAConfig = HRDAConfig()
 
     @property
     def random_init(self) -> bool:
@@ -469,6 +528,9 @@ class UDAConfig(Strict):
     ignore_bottom: int = Field(0, ge=0)  # (DAFormer on Cityscapes: 120)
     color_jitter_strength: float = Field(0.2, ge=0)
     color_jitter_p: float = Field(0.8, ge=0, le=1)
+    # The colour jitter's semantics: `daformer` (kornia 0.5.8 as DAFormer uses it: additive brightness,
+    # contrast without the mean, a random order per image) or `torchvision` (its adjust_* functions in order).
+    strong_augment: Literal["daformer", "torchvision"] = "daformer"
     blur: bool = True
     rcs: RCSConfig = RCSConfig()
     fd: FDConfig = FDConfig()
@@ -533,6 +595,8 @@ class TrainConfig(Strict):
             raise ValueError("method source_only needs data.source")
         if self.method == "supervised_synthetic" and data.target is None:
             raise ValueError("method supervised_synthetic needs data.target (shards carrying seg.png)")
+        if data.paired and not (data.source is not None and data.source.folder is not None and data.target is not None and data.target.shards is not None):
+            raise ValueError("data.paired pairs target shards with their source items: it needs data.source.folder and data.target.shards")
         if self.method == "dacs" and self.uda.fd.enabled and self.model.random_init:
             raise ValueError(
                 "uda.fd.enabled needs pretrained backbone weights (model.pretrained), but it is 'none': the feature distance would pull "

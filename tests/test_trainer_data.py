@@ -325,3 +325,125 @@ def test_toy_data_command_writes_engine_shards_and_folders(tmp_path):
     assert len(list((tmp_path / "toy" / "source" / "labels").glob("*.png"))) == 256
     again = CliRunner().invoke(app, ["toy-data", str(tmp_path / "toy")])
     assert again.exit_code == 2 and "not empty" in again.output
+
+
+# ------------------------------------------------------------------------------------ paper pipelines
+
+
+def test_keep_ratio_size_and_cv2_kernels_by_hand():
+    from dreamshard.trainer.data import resize_label, resize_pixels, resized_size
+
+    assert resized_size((720, 1280), "keep_ratio", 1052, 1914) == (704, 1280)  # mmcv: sf = min(1280/1914, 720/1052)
+    assert resized_size((1440, 2560), "keep_ratio", 1052, 1914) == (1407, 2560)
+    assert resized_size((760, 1280), "keep_ratio", 760, 1280) == (760, 1280) and resized_size((512, 1024), "exact", 1, 1) == (512, 1024)
+    row = torch.tensor([0, 100, 200, 255], dtype=torch.uint8).view(1, 1, 4).expand(3, 1, 4)
+    # cv2.INTER_LINEAR halving: samples at 0.5 and 2.5 (half-pixel centres), no antialiasing: 50 and 227.5 → 228
+    assert resize_pixels(row, (1, 2), "cv2")[0, 0].tolist() == [50, 228]
+    assert resize_pixels(row, (1, 2), "pil")[0, 0].tolist() != [50, 228]  # PIL's antialiased triangle spans more pixels
+    label = np.array([[1, 2, 3, 4, 5, 6]], dtype=np.uint8)
+    assert resize_label(label, (1, 3), "cv2").tolist() == [[1, 3, 5]]  # INTER_NEAREST: floor(dst x 2)
+    assert resize_label(label, (1, 3), "pil").tolist() == [[2, 4, 6]]  # PIL: the centres, floor((dst + 0.5) x 2)
+
+
+class ScriptedRng:
+    """np.random.Generator's integers/random from a script, for crops decided by hand."""
+
+    def __init__(self, values):
+        self.values = list(values)
+
+    def integers(self, low, high):
+        value = self.values.pop(0)
+        assert low <= value < high
+        return value
+
+    def random(self):
+        return 0.9  # no flip
+
+
+def test_random_crop_cat_max_ratio_and_rcs_as_mmseg_and_daformer():
+    """Labels of 4 rows, 4x4 crops at column offsets drawn by hand (ScriptedRng gives top, then left)."""
+    label = np.zeros((4, 8), dtype=np.uint8)
+    label[:, 4:] = 1  # columns 0-3 class 0, 4-7 class 1
+    augment = Augment(resize=None, crop=(4, 4), flip=False, cat_max_ratio=0.75)
+    # offsets 0 and 4 hold one class (redrawn); 2 is half and half (< 0.75): kept
+    assert augment.crop_origin((4, 8), label, ScriptedRng([0, 0, 0, 4, 0, 2]), None, 0) == (0, 2)
+    # 3 is 12/16 = 0.75 class 1: not below 0.75 (mmseg's strict test), redrawn
+    assert augment.crop_origin((4, 8), label, ScriptedRng([0, 3, 0, 2]), None, 0) == (0, 2)
+    # ten failed re-draws: mmseg keeps the eleventh draw unchecked
+    scripted = ScriptedRng([0, 0] * 11)
+    assert augment.crop_origin((4, 8), label, scripted, None, 0) == (0, 0) and scripted.values == []
+    # RCS (DAFormer): columns 0-3 class 0, 4-7 class 1, 8-11 class 2; focus class 2, more than 4 pixels.
+    three = np.repeat(np.arange(3, dtype=np.uint8), 4)[None].repeat(4, axis=0)
+    # 4 is one class (cat_max redraw) → 2 balanced but no class 2 (RCS redo) → 7 is 3/4 class 2 (redraw) → 6 balanced with 8 px: kept
+    scripted = ScriptedRng([0, 4, 0, 2, 0, 7, 0, 6])
+    assert augment.crop_origin((4, 12), three, scripted, 2, 4) == (0, 6) and scripted.values == []
+    # before: cat_max_ratio was skipped under RCS, so the first crop with class 2 (7) would have been kept
+
+
+def test_colour_jitter_is_zodis_torchvision_order_per_image():
+    from dreamshard.config import ColorJitterConfig
+    from dreamshard.trainer.data import color_jitter
+
+    grey = torch.full((3, 2, 2), 100, dtype=torch.uint8)
+    config = ColorJitterConfig(brightness=0.5, contrast=0.0, saturation=0.0, hue=0.0)
+    rng = np.random.default_rng(0)
+    factor = np.random.default_rng(0).uniform(0.5, 1.5)
+    assert torch.equal(color_jitter(grey, config, rng), torch.full_like(grey, int(100 * factor)))  # multiplicative, truncated (torchvision on uint8)
+
+
+def test_paired_source_items_are_their_twins_cropped_alike(tmp_path):
+    """Target shard i holds source item k's image + 40 and its label, json source_key = k: with data.paired
+    the source batch holds each target sample's own item, through the same crop window and flip."""
+    from dreamshard.config import TrainConfig
+    from dreamshard.trainer.data import FolderSamples, RankBatches, TwinSamples, domain_samples
+
+    rng = np.random.default_rng(1)
+    images, labels, samples = {}, {}, []
+    for k in range(5):
+        stem = f"{k:03d}"
+        images[stem] = rng.integers(0, 200, size=(24, 32, 3), dtype=np.uint8)
+        labels[stem] = rng.integers(0, 3, size=(24, 32), dtype=np.uint8)
+        (tmp_path / "source" / "images").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "source" / "labels").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[stem]).save(tmp_path / "source" / "images" / f"{stem}.png")
+        Image.fromarray(labels[stem]).save(tmp_path / "source" / "labels" / f"{stem}.png")
+    for index in range(10):
+        stem = f"{(index * 3) % 5:03d}"
+        twin = Image.fromarray(images[stem] + 40)
+        samples.append(ShardSample({"index": index, "source_key": stem}, twin, {"seg.png": Image.fromarray(labels[stem])}))
+    write_dataset(tmp_path / "twins", samples, 4, image_format="png")
+    config = TrainConfig(
+        method="supervised_synthetic",
+        data={"source": {"folder": {"layout": "generic", "root": str(tmp_path / "source"), "num_classes": 3}},
+              "target": {"shards": {"path": str(tmp_path / "twins"), "shuffle_block": 4}}, "crop_size": (16, 16), "paired": True, "workers": 0},
+        model={"num_classes": 3, "pretrained": "none"},
+    )  # fmt: skip
+    target = domain_samples("target", config.data.target, config.data, True, 0)
+    folder = domain_samples("source", config.data.source, config.data, True, 0)
+    assert isinstance(folder, FolderSamples)
+    plan = ReadPlan(batches=5, batch_size=2)
+    for n in range(5):
+        twin_batch = RankBatches(TwinSamples("source", folder, target), plan, 0, 3)[n]
+        target_batch = RankBatches(target, plan, 0, 3)[n]
+        assert torch.equal(target_batch["image"].int() - twin_batch["image"].int(), torch.full_like(twin_batch["image"], 40).int())
+        assert torch.equal(target_batch["label"], twin_batch["label"])
+    with pytest.raises(ConfigError, match="data.paired .* needs data.source.folder and data.target.shards"):
+        from dreamshard.config import validate
+
+        validate(TrainConfig, {"method": "source_only", "data": {"source": {"folder": {"root": "x"}}, "paired": True}}, "train.yaml")
+
+
+def test_evaluation_labels_at_the_input_size_as_zodi(tmp_path):
+    from dreamshard.trainer.data import EvalSet
+
+    label = np.zeros((24, 32), dtype=np.uint8)
+    label[:, 16:] = 2
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    Image.fromarray(np.zeros((24, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / "a.png")
+    Image.fromarray(label).save(tmp_path / "labels" / "a.png")
+    folder = {"layout": "generic", "root": str(tmp_path), "num_classes": 3}
+    full = EvalSet(DomainConfig(folder=folder, resize=(12, 16), resize_kernel="pil_lanczos"))[0]
+    resized = EvalSet(DomainConfig(folder=folder, resize=(12, 16), resize_kernel="pil_lanczos", resize_labels=True))[0]
+    assert full[0].shape == resized[0].shape == (3, 12, 16) and full[1].shape == (24, 32)
+    assert resized[1].shape == (12, 16) and (resized[1][:, :8] == 0).all() and (resized[1][:, 8:] == 2).all()

@@ -157,3 +157,29 @@ def test_channels_last_and_compiled_student_train_and_save_plain_weights(toy, tm
     teacher = load_file(tmp_path / "run" / "checkpoints" / "iter_0000002" / "teacher.safetensors")
     assert set(weights) == set(teacher) and not any("_orig_mod" in name or name.startswith("module.") for name in weights)
     assert (tmp_path / "run" / "images" / "iter_0000002.png").is_file()
+
+
+@pytest.mark.slow
+def test_hrda_trains_with_mic_evaluates_with_sliding_windows_and_eval_reads_it_back(toy, tmp_path):
+    """DACS + MIC with HRDA on the toy (64x64 crops: a 32x32 context and detail), through the CLI as a user
+    runs it; the checkpoint holds the attention head, and `dreamshard eval` (multi-resolution, sliding
+    windows) reproduces the run's own final evaluation."""
+    out = tmp_path / "hrda"
+    sets = {**dict(item.split("=", 1) for item in toy_sets(toy, out, "dacs")), "max_iters": 4, "image_interval": 4, "model.embed_dim": 16}
+    sets |= {"model.hrda.enabled": "true", "model.hrda.hr_crop_size": "[32, 32]", "uda.mic.enabled": "true", "uda.mic.block_size": 8}
+    sets |= {"eval.mode": "slide", "eval.crop_size": "[48, 48]", "eval.stride": "[16, 16]", "data.val.folder.limit": 8}
+    args = [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+    result = CliRunner().invoke(app, ["train", str(ROOT / "configs" / "toy_dacs.yaml"), *args])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mIoU"] is not None and summary["ranks"][0]["steps"] == 4
+    from safetensors.torch import load_file
+
+    weights = load_file(out / "checkpoints" / "iter_0000004" / "model.safetensors")
+    assert any(name.startswith("scale_attention.") for name in weights)
+    assert (out / "images" / "iter_0000004.png").is_file()
+    checked = CliRunner().invoke(
+        app, ["eval", str(ROOT / "configs" / "toy_dacs.yaml"), "--checkpoint", str(out / "checkpoints" / "iter_0000004"), "-o", str(tmp_path / "m.json"), *args]
+    )
+    assert checked.exit_code == 0, checked.output
+    assert json.loads((tmp_path / "m.json").read_text())["mIoU"] == pytest.approx(summary["mIoU"])

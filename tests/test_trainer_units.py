@@ -104,6 +104,23 @@ def test_strong_augment_and_masking_keep_shape_and_range():
     assert 0.05 < kept < 0.6  # about 30% of the blocks stay visible
 
 
+def test_strong_augment_has_daformers_kornia_semantics_by_hand():
+    """kornia 0.5.8 as DAFormer uses it: brightness adds (b - 1), contrast multiplies (no mean), the order is
+    drawn, hue turns by a fraction of the colour circle, saturation scales HSV's S; the blur kernel is
+    ceil(0.1 d), one less when even."""
+    from dreamshard.trainer.methods import blur_kernel_size, jitter
+
+    grey = torch.full((3, 2, 2), 0.5)
+    assert torch.allclose(jitter(grey, (1.1, 1.0, 1.0, 0.0), [0]), torch.full_like(grey, 0.6))  # torchvision: 0.55
+    assert torch.allclose(jitter(grey, (1.1, 1.2, 1.0, 0.0), [0, 1]), torch.full_like(grey, 0.72))
+    assert torch.allclose(jitter(grey, (1.1, 1.2, 1.0, 0.0), [1, 0]), torch.full_like(grey, 0.7))
+    assert torch.allclose(jitter(torch.full((3, 1, 1), 0.9), (1.0, 1.2, 1.0, 0.0), [1]), torch.ones(3, 1, 1))  # clamped
+    red = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+    assert torch.allclose(jitter(red, (1.0, 1.0, 1.0, 0.5), [3]), torch.tensor([0.0, 1.0, 1.0]).view(3, 1, 1), atol=1e-5)  # half a turn: cyan
+    assert torch.allclose(jitter(red, (1.0, 1.0, 0.0, 0.0), [2]), torch.ones(3, 1, 1), atol=1e-5)  # no saturation: V grey
+    assert [blur_kernel_size(d) for d in (512, 1024, 64, 40)] == [51, 103, 7, 3]  # ceil: 52 → 51, 103, 7, 4 → 3
+
+
 def test_downscale_labels_takes_majority_or_ignore():
     labels = torch.tensor([[[1, 1, 2, 3], [1, 1, 255, 255]]])
     small = downscale_labels(labels, 2, 0.75, num_classes=4)
@@ -121,6 +138,21 @@ def test_segmenter_outputs_stride4_logits_and_head_gets_10x_lr(decoder):
         is_head = id(group["params"][0]) in head_ids
         assert group["lr"] == pytest.approx(1e-2 if is_head else 1e-3)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_decode_head_starts_as_daformers_with_head_init_daformer():
+    """Hand-computed spreads: BN-ReLU convs kaiming-normal with fan_out (std √(2 / (out x k x k))), the
+    classifier N(0, 0.01), the embeddings PyTorch's default U(±1/√fan_in) (std 1/√(3 fan_in))."""
+    torch.manual_seed(0)
+    config = TrainModelConfig(backbone="test_resnet", pretrained="none", decoder="daformer", embed_dim=32, num_classes=19, head_init="daformer")
+    head = Segmenter(config).decode_head
+    fuse = head.fuse[0].weight  # 3x3, 4 x 32 → 32
+    assert fuse.std().item() == pytest.approx(math.sqrt(2 / (32 * 9)), rel=0.05)
+    pointwise = head.aspp[1][1][0].weight  # a separable branch's 1x1: 128 → 32
+    assert pointwise.std().item() == pytest.approx(math.sqrt(2 / 32), rel=0.05)
+    assert head.classifier.weight.std().item() == pytest.approx(0.01, rel=0.1) and not head.classifier.bias.any()
+    embed = head.embed[3].weight  # 1x1 from the last level's channels
+    assert embed.std().item() == pytest.approx(1 / math.sqrt(3 * embed.shape[1]), rel=0.1)
 
 
 def test_lr_warmup_then_poly_decay():
@@ -224,3 +256,10 @@ def test_one_gradient_all_reduce_per_dacs_iteration():
         assert len(rounds) == 3  # the counter sees what it should
     finally:
         dist.destroy_process_group()
+
+
+def test_torchvision_jitter_multiplies_brightness():
+    from dreamshard.trainer.methods import torchvision_jitter
+
+    grey = torch.full((3, 2, 2), 0.5)
+    assert torch.allclose(torchvision_jitter(grey, (1.1, 1.0, 1.0, 0.0), [0, 1, 2, 3]), torch.full_like(grey, 0.55))

@@ -25,7 +25,9 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -41,7 +43,7 @@ from dreamshard.engine.inversion import stochastic_inversion
 from dreamshard.engine.models import denoiser
 from dreamshard.engine.modes import REGISTRY, Mode, conditioned_names, mode_for
 from dreamshard.engine.plan import SampleSpec, source_group
-from dreamshard.engine.prompts import classes_text, placeholders
+from dreamshard.engine.prompts import LABEL_PLACEHOLDERS, classes_text, least_generated_classes, placeholders, present_classes
 from dreamshard.errors import UserError
 from dreamshard.format.layout import LABEL_FIELD
 from dreamshard.format.shards import ShardSample
@@ -65,7 +67,9 @@ class SourceSample:
 class Conditioner:
     """Turns sample specs into pipeline calls for a conditioned mode, and results into (image, seg.png)."""
 
-    def __init__(self, mode: str, source: LabelledSource, condition: ConditionConfig, num_classes: int, prompts: PromptsConfig | None = None) -> None:
+    def __init__(
+        self, mode: str, source: LabelledSource, condition: ConditionConfig, num_classes: int, prompts: PromptsConfig | None = None, num_samples: int = 0
+    ) -> None:
         self.mode: Mode = mode_for(mode)
         if not self.mode.keeps_label:
             raise ValueError(f"{mode!r} is not a conditioned mode")
@@ -86,10 +90,28 @@ class Conditioner:
         self.classes_templates = _classes_templates(prompts)
         if self.classes_templates and num_classes != NUM_CLASSES:
             raise UserError(
-                f"{{classes}} names train ids with the {NUM_CLASSES} Cityscapes classes, but source.num_classes is {num_classes}; remove {{classes}} from the templates"
+                f"{{classes}} and {{least_class}} name train ids with the {NUM_CLASSES} Cityscapes classes, but source.num_classes is {num_classes}; "
+                "remove them from the templates"
             )
+        self.least_classes = self._least_classes(prompts, num_samples)
         self.fingerprint = _fingerprint(source, condition)
         self._variants: dict[tuple, Any] = {}  # the mode's variant pipelines, built on first use (pipeline_for)
+
+    def _least_classes(self, prompts: PromptsConfig, num_samples: int) -> list[int]:
+        """With {least_class} in a template: DIDEX's least generated class of samples 0..num_samples-1, from
+        the labels of the items they take, in sample order (prefix-stable: a larger run keeps the first
+        ones). Every label of the items used is read once, here, in the driver."""
+        uses = prompts.recipe == "templates" and any("least_class" in placeholders(t.text, "prompts.templates") for t in prompts.templates)
+        if not uses or not num_samples:
+            return []
+        unknown = [name for name in prompts.least_class_exclude if name not in CLASSES]
+        if unknown:
+            raise UserError(f"prompts.least_class_exclude: unknown class {unknown[0]!r}; the classes are the 19 Cityscapes ones: {', '.join(CLASSES)}")
+        positions = sorted({self.item_index(i) % len(self.source) for i in range(num_samples)})
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+            present = dict(zip(positions, pool.map(lambda k: present_classes(self.source.load_label(self.source.items[k]), NUM_CLASSES), positions)))
+        presence = [present[self.item_index(i) % len(self.source)] for i in range(num_samples)]
+        return least_generated_classes(presence, [CLASSES.index(name) for name in prompts.least_class_exclude])
 
     def strength(self, spec: SampleSpec) -> float | None:
         """A prompt-file `strength` column, else the first style value listed in strength_by_style, else
@@ -115,7 +137,8 @@ class Conditioner:
             ids = raw if self.colours_label_ids else train_ids
             control = self.mode.control_image(Image.fromarray(colourise(ids, self.palette)).resize(size, Image.Resampling.NEAREST))
         if spec.template in self.classes_templates:
-            values = {"token": self.token, "cls": spec.class_name, **spec.style, "classes": classes_text(train_ids, CLASSES)}
+            least = CLASSES[self.least_classes[spec.index]] if spec.index < len(self.least_classes) else ""
+            values = {"token": self.token, "cls": spec.class_name, **spec.style, "classes": classes_text(train_ids, CLASSES), "least_class": least}
             spec = replace(spec, prompt=spec.template.format_map(values))
         return SourceSample(item.key, image.resize(size, Image.Resampling.BICUBIC), control, train_ids, strength, spec)
 
@@ -167,7 +190,7 @@ class Conditioner:
             control = kwargs.get("control_image")
             kwargs["latents"] = stochastic_inversion(
                 pipe, kwargs["image"], [spec.prompt for spec in specs], generators, specs[0].steps, samples[0].strength,
-                control=control, controlnet_scale=self.condition.controlnet_scale,
+                control=control, controlnet_scale=self.condition.controlnet_scale, at=self.condition.inversion_timestep,
             )  # fmt: skip
         return render(pipe, specs, generators=generators, **kwargs, **sampler)
 
@@ -190,7 +213,7 @@ def conditioner_for(config: GenerateConfig) -> Conditioner | None:
     source_config = required_source(config.source, config.mode)
     source = open_checked_source(source_config, config.mode)
     check_pairing(config, len(source))
-    return Conditioner(config.mode, source, config.condition, source_config.num_classes, config.prompts)
+    return Conditioner(config.mode, source, config.condition, source_config.num_classes, config.prompts, config.run.num_samples)
 
 
 def check_settings(config: GenerateConfig) -> None:
@@ -204,7 +227,9 @@ def check_settings(config: GenerateConfig) -> None:
     if not mode.keeps_label and prompts.pair_items_with:
         raise UserError(f"prompts.pair_items_with pairs source items with a style axis: it needs a conditioned mode ({conditioned}), not {mode.name}")
     if not mode.keeps_label and _classes_templates(prompts):
-        raise UserError(f"{{classes}} names the classes in each sample's source label: it needs a conditioned mode ({conditioned}), not {mode.name}")
+        raise UserError(
+            f"{{classes}} and {{least_class}} name classes of each sample's source label: they need a conditioned mode ({conditioned}), not {mode.name}"
+        )
     if config.condition.init_noise == "stochastic_inversion" and not mode.supports_inversion:
         inverting = " and ".join(name for name, other in REGISTRY.items() if other.supports_inversion)
         raise UserError(f"condition.init_noise stochastic_inversion works in modes {inverting}, not {mode.name}; set it to random")
@@ -242,8 +267,10 @@ def _fingerprint(source: LabelledSource, condition: ConditionConfig) -> str:
     random, so runs made before it existed keep their fingerprint). Which item a sample takes also depends
     on prompts.pair_items_with, which the plan fingerprint holds."""
     settings = source.config.model_dump(mode="json", exclude={"root", "scan"})
-    exclude = {"init_noise"} if condition.init_noise == "random" else None
-    content = {"source": settings, "keys": [item.key for item in source.items], "condition": condition.model_dump(mode="json", exclude=exclude)}
+    exclude = {"init_noise"} if condition.init_noise == "random" else set()
+    if condition.inversion_timestep == "first_step" or condition.init_noise == "random":
+        exclude.add("inversion_timestep")  # likewise: first_step was the only rule before the option
+    content = {"source": settings, "keys": [item.key for item in source.items], "condition": condition.model_dump(mode="json", exclude=exclude or None)}
     return digest(content)
 
 
@@ -270,10 +297,10 @@ def check_pairing(config: GenerateConfig, items: int) -> None:
 
 
 def _classes_templates(prompts: PromptsConfig) -> frozenset[str]:
-    """The template texts that print {classes} (filled per sample from its source label)."""
+    """The template texts that print {classes} or {least_class} (filled per sample from the source labels)."""
     if prompts.recipe != "templates":
         return frozenset()
-    return frozenset(t.text for n, t in enumerate(prompts.templates) if "classes" in placeholders(t.text, f"prompts.templates[{n}]"))
+    return frozenset(t.text for n, t in enumerate(prompts.templates) if set(LABEL_PLACEHOLDERS) & set(placeholders(t.text, f"prompts.templates[{n}]")))
 
 
 def _check_strength_settings(config: GenerateConfig) -> None:

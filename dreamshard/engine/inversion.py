@@ -8,13 +8,14 @@ the ControlNet, conditional prompt only, no classifier-free guidance) for ε = �
 x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε. Its ablation shows this keeps the source's content better than random noise. As
 in ZoDi's code this is one UNet call per sample, at the start timestep (not a walk through every timestep).
 
-Where this differs from ZoDi's code: ZoDi inverts at t = int(strength x 1000) on the 1000-step training scale
-(900 for strength 0.9) and then runs DDIM from the schedule's step below it (851 with 20 steps); here the
-inversion and the denoising start at the same timestep, the first of the scheduler's int(steps x strength)
-steps (851), as diffusers' own img2img noising does. The scheduler's `add_noise` and `scale_model_input` do
-the arithmetic, so any epsilon-predicting scheduler works (ZoDi: DDIM). The random draws (the VAE's latent
-sample, then n) come from each sample's own generator in the order diffusers' img2img draws them, so the
-denoising that follows draws its DDIM noise (eta > 0) from the same generators.
+Where ZoDi's code inverts: at t = int(strength x 1000) on the 1000-step training scale (900 for strength
+0.9), and then runs DDIM from the schedule's step below it (851 with 20 steps), treating the latent noised to
+900 as the 851 one. `at="zodi"` does exactly that; `at="first_step"` (the option's default) inverts at the
+first of the scheduler's int(steps x strength) steps (851), as diffusers' own img2img noising does. The
+scheduler's `add_noise` and `scale_model_input` do the arithmetic, so any epsilon-predicting scheduler works
+(ZoDi: DDIM). The random draws (the VAE's latent sample, then n) come from each sample's own generator in the
+order diffusers' img2img draws them, so the denoising that follows draws its DDIM noise (eta > 0) from the
+same generators.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ def stochastic_inversion(
     strength: float,
     control: Sequence[Image.Image] | None = None,
     controlnet_scale: float = 1.0,
+    at: str = "first_step",
 ) -> torch.Tensor:
     """The inverted start latents x_t of `images` for an img2img pipeline (`pipe`: StableDiffusionImg2Img or,
-    with `control`, StableDiffusionControlNetImg2Img) called with the same steps, strength and generators."""
+    with `control`, StableDiffusionControlNetImg2Img) called with the same steps, strength and generators;
+    inverted at the first denoising step (`at="first_step"`) or at int(strength x 1000) (`"zodi"`)."""
     if hasattr(pipe, "text_encoder_2"):  # SDXL encodes prompts with two encoders and extra time ids
         raise UserError(
             f"condition.init_noise stochastic_inversion is built for SD 1.x/2.x pipelines (ZoDi's SD 1.5); {type(pipe).__name__} is not one: "
@@ -52,6 +55,9 @@ def stochastic_inversion(
     device, dtype = pipe._execution_device, pipe.unet.dtype
     clean = encode_images(pipe, images, generators)
     timestep = start_timestep(pipe, steps, strength)
+    if at == "zodi":
+        last = pipe.scheduler.config.num_train_timesteps - 1
+        timestep = torch.full_like(timestep, min(int(strength * (last + 1)), last))
     batch = timestep.repeat(len(images))
     noise = randn_like_pipeline(clean.shape, generators, device, dtype)
     predicted = predict_noise(pipe, pipe.scheduler.add_noise(clean, noise, batch), timestep[0], prompts, control, controlnet_scale)

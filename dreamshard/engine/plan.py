@@ -39,7 +39,16 @@ from typing import Any
 import numpy as np
 
 from dreamshard.config import PromptsConfig, SamplingConfig
-from dreamshard.engine.prompts import CLASSES_PLACEHOLDER, PromptFile, Template, check_classes, check_templates, read_prompt_file
+from dreamshard.engine.prompts import (
+    CLASSES_PLACEHOLDER,
+    LEAST_CLASS_PLACEHOLDER,
+    PromptFile,
+    Template,
+    check_class_words,
+    check_classes,
+    check_templates,
+    read_prompt_file,
+)
 from dreamshard.errors import UserError
 
 # Bump when the derivation below changes, so old runs' fingerprints no longer match.
@@ -93,6 +102,7 @@ class Plan:
         self.token = prompts.token
         self.classes = list(prompts.classes)
         self.class_weights = check_classes(prompts) if self.uses_class else []
+        self.class_words = check_class_words(prompts)
         self.balance = prompts.balance
         self.styles = {axis: list(values) for axis, values in prompts.styles.items()}
         self.pair_axis = _pair_axis(prompts, self.templates)
@@ -153,7 +163,8 @@ class Plan:
             template, class_id = self.templates[template_ids[n]], class_ids[n]
             class_name = self.classes[class_id] if class_id >= 0 else ""
             style = {axis: style_values[axis][n] for axis in self._template_axes[template_ids[n]]}
-            prompt = template.fill({"token": self.token, "cls": class_name, **style, "classes": CLASSES_PLACEHOLDER})
+            words = self.class_words.get(class_name, class_name)
+            prompt = template.fill({"token": self.token, "cls": words, **style, "classes": CLASSES_PLACEHOLDER, "least_class": LEAST_CLASS_PLACEHOLDER})
             specs.append(
                 SampleSpec(
                     index=i,
@@ -265,6 +276,8 @@ class Plan:
                 inputs["pair_items_with"] = self.pair_axis
             if self.uses_class:
                 inputs |= {"classes": self.classes, "class_weights": self.class_weights, "balance": self.balance}
+                if self.class_words:  # only when set, so earlier runs' fingerprints stay valid
+                    inputs["class_words"] = self.class_words
         inputs["sampling"] = {
             "width": self.width,
             "height": self.height,

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,10 @@ import numpy as np
 from dreamshard.config import PromptsConfig
 from dreamshard.errors import UserError, one_line
 
-RESERVED_PLACEHOLDERS = ("token", "cls", "classes")
+RESERVED_PLACEHOLDERS = ("token", "cls", "classes", "least_class")
 CLASSES_PLACEHOLDER = "{classes}"
+LEAST_CLASS_PLACEHOLDER = "{least_class}"
+LABEL_PLACEHOLDERS = ("classes", "least_class")  # filled per sample from the source labels (conditioned modes)
 PROMPT_FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
@@ -145,6 +148,37 @@ def check_classes(prompts: PromptsConfig) -> list[float]:
     if not any(weight > 0 for weight in weights):
         raise UserError("prompts.class_weights: every class has weight 0; give at least one a positive weight")
     return weights
+
+
+def check_class_words(prompts: PromptsConfig) -> dict[str, str]:
+    """prompts.class_words, checked: every key a class, every value non-empty text."""
+    for name, words in prompts.class_words.items():
+        if name not in prompts.classes:
+            raise UserError(f"prompts.class_words: unknown class {name!r}; valid classes: {', '.join(prompts.classes)}")
+        if not words.strip():
+            raise UserError(f"prompts.class_words.{name} is empty; give the words the prompt should use, e.g. {name}s")
+    return dict(prompts.class_words)
+
+
+def present_classes(train_ids, num_classes: int) -> np.ndarray:
+    """Which of the classes a label holds (any pixel; 255 ignored), as a bool vector."""
+    return np.bincount(np.asarray(train_ids, dtype=np.uint8).ravel(), minlength=256)[:num_classes] > 0
+
+
+def least_generated_classes(presence: list[np.ndarray], excluded: Sequence[int] = ()) -> list[int]:
+    """DIDEX's "least generated class" of each sample in order (GTA5_to_PTD_uni_cls.py): a running count per
+    class, raised by one for every class present in the sample's label, then the class with the lowest count
+    (ties: the lowest train id) is named and counted once more. `excluded` classes are never named (DIDEX's
+    SYNTHIA script starts them at 1e14)."""
+    counts = np.zeros(len(presence[0]) if presence else 0, dtype=np.float64)
+    counts[list(excluded)] = 1e14
+    named = []
+    for present in presence:
+        counts += present
+        least = int(np.argmin(counts))
+        counts[least] += 1
+        named.append(least)
+    return named
 
 
 def classes_text(train_ids, names) -> str:

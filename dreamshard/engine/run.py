@@ -168,7 +168,7 @@ def check_made_by(store: Store, plan: Plan, model_info: dict, shard_size: int) -
         key, fields = next(iter(read_shard(store, shard)))
         meta = json.loads(fields["json"])
         spec = plan.spec(meta["index"])
-        if spec.template and "{classes}" in spec.template:
+        if spec.template and ("{classes}" in spec.template or "{least_class}" in spec.template):
             expected = {"template": spec.template, "class_name": spec.class_name}
         else:
             expected = {"prompt": spec.prompt, "class_name": spec.class_name}

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -48,7 +49,8 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "png", "webp", "jpeg")
 LABEL_KEY = LABEL_FIELD
 CROP_TRIES = 10  # mmseg RandomCrop / DAFormer RCS re-crop attempts
-ORDER_DRAW, AUGMENT_DRAW, RCS_DRAW = 0, 2, 3  # sub-streams of a position's seed
+ORDER_DRAW, AUGMENT_DRAW, RCS_DRAW, JITTER_DRAW = 0, 2, 3, 4  # sub-streams of a position's seed
+PIL_KERNELS = {"pil": Image.Resampling.BILINEAR, "pil_lanczos": Image.Resampling.LANCZOS}
 
 __all__ = ["DataError", "ShardAccess", "resolve_shards", "shard_catalogue"]  # re-exported for callers of the old module
 
@@ -65,36 +67,47 @@ class Augment:
     flip: bool
     cat_max_ratio: float = 1.0  # labelled crops: re-crop until no class covers more than this
     decoder: str = "pil"  # shard samples: data.decoder (folder datasets are read with PIL, EXIF-aware)
+    resize_mode: str = "exact"  # DomainConfig.resize_mode
+    kernel: str = "pil"  # DomainConfig.resize_kernel
+
+    @classmethod
+    def of(cls, domain: DomainConfig, data: TrainDataConfig, labelled: bool) -> Augment:
+        return cls(domain.resize, data.crop_size, data.flip, data.cat_max_ratio if labelled else 1.0, data.decoder, domain.resize_mode, domain.resize_kernel)
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) after the resize of an image of that size."""
+        return resized_size(self.resize, self.resize_mode, height, width)
 
     def decode(self, data: bytes) -> np.ndarray:
-        """Encoded image → resized HWC uint8 RGB. PIL decodes JPEGs at a reduced DCT scale when the resize
-        allows it; torchvision.io decodes into a tensor and resizes with antialiasing."""
+        """Encoded image → resized HWC uint8 RGB. PIL decodes JPEGs at a reduced DCT scale when a PIL-kernel
+        resize allows it; torchvision.io decodes into a tensor."""
         if self.decoder == "torchvision":
             return self._decode_torchvision(data)
         image = Image.open(io.BytesIO(data))
-        if self.resize and image.format == "JPEG":
-            image.draft("RGB", pil_size(self.resize))
+        if self.resize and image.format == "JPEG" and self.kernel == "pil":
+            image.draft("RGB", pil_size(self.target_size(image.height, image.width)))
         return self.resized(image.convert("RGB"))
 
     def _decode_torchvision(self, data: bytes) -> np.ndarray:
-        import torchvision.transforms.v2.functional as TF
         from torchvision.io import ImageReadMode, decode_image
 
         pixels = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-        if self.resize and tuple(pixels.shape[-2:]) != tuple(self.resize):
-            pixels = TF.resize(pixels, list(self.resize), antialias=True)
-        return pixels.permute(1, 2, 0).numpy()
+        return resize_pixels(pixels, self.target_size(*pixels.shape[-2:]), self.kernel).permute(1, 2, 0).numpy()
 
     def resized(self, image: Image.Image) -> np.ndarray:
-        if self.resize and image.size != pil_size(self.resize):
-            image = image.resize(pil_size(self.resize), Image.Resampling.BILINEAR)
-        return np.asarray(image)
+        """A PIL image, resized with this kernel, as HWC uint8."""
+        size = self.target_size(image.height, image.width)
+        if size == (image.height, image.width):
+            return np.asarray(image)
+        if self.kernel in PIL_KERNELS:
+            return np.asarray(image.resize(pil_size(size), PIL_KERNELS[self.kernel]))
+        return resize_pixels(torch.from_numpy(np.asarray(image)).permute(2, 0, 1), size, "cv2").permute(1, 2, 0).numpy()
 
     def __call__(self, pixels: np.ndarray, label: np.ndarray | None, rng: np.random.Generator, focus: int | None = None, min_focus: int = 0):
         """(uint8 CHW image, uint8 HW label or None) from HWC pixels. With `focus`, re-crop until the crop has
         > `min_focus` pixels of that class (RCS)."""
         if label is not None and label.shape != pixels.shape[:2]:
-            label = np.asarray(Image.fromarray(label).resize((pixels.shape[1], pixels.shape[0]), Image.Resampling.NEAREST))
+            label = resize_label(label, pixels.shape[:2], self.kernel)
         pixels, label = pad_to(pixels, label, self.crop)
         top, left = self.crop_origin(pixels.shape[:2], label, rng, focus, min_focus)
         ch, cw = self.crop
@@ -108,19 +121,67 @@ class Augment:
         return image_t, (torch.from_numpy(np.array(label)) if label is not None else None)
 
     def crop_origin(self, size: tuple[int, int], label: np.ndarray | None, rng: np.random.Generator, focus: int | None, min_focus: int) -> tuple[int, int]:
-        (h, w), (ch, cw) = size, self.crop
-        origin = (0, 0)
+        """mmseg's RandomCrop: a window drawn, then up to CROP_TRIES re-draws until no class covers
+        `cat_max_ratio` or more of it (and it holds two classes at least); the last draw is kept either way.
+        With `focus` (DAFormer's RCS), that whole crop is re-done up to CROP_TRIES times until the window has
+        more than `min_focus` pixels of the class, the last one kept either way."""
+        origin = self._balanced_origin(size, label, rng)
+        if focus is None or label is None:
+            return origin
         for _ in range(CROP_TRIES):
-            origin = (int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)))
-            if label is None:
-                return origin
-            window = label[origin[0] : origin[0] + ch, origin[1] : origin[1] + cw]
-            if focus is not None:
-                if (window == focus).sum() > min_focus:
-                    return origin
-            elif self.cat_max_ratio >= 1 or _largest_class_share(window) <= self.cat_max_ratio:
-                return origin
+            if (self._window(label, origin) == focus).sum() > min_focus:
+                break
+            origin = self._balanced_origin(size, label, rng)
         return origin
+
+    def _balanced_origin(self, size: tuple[int, int], label: np.ndarray | None, rng: np.random.Generator) -> tuple[int, int]:
+        (h, w), (ch, cw) = size, self.crop
+        origin = (int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)))
+        if label is None or self.cat_max_ratio >= 1:
+            return origin
+        for _ in range(CROP_TRIES):
+            if _balanced(self._window(label, origin), self.cat_max_ratio):
+                break
+            origin = (int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)))
+        return origin
+
+    def _window(self, label: np.ndarray, origin: tuple[int, int]) -> np.ndarray:
+        return label[origin[0] : origin[0] + self.crop[0], origin[1] : origin[1] + self.crop[1]]
+
+
+def resized_size(resize: tuple[int, int] | None, mode: str, height: int, width: int) -> tuple[int, int]:
+    """(height, width) of an image after `resize` in `mode` (see DomainConfig.resize_mode): mmcv's
+    rescale_size for keep_ratio (scale = min(long / long side, short / short side), sides int(x * scale + 0.5))."""
+    if not resize:
+        return (height, width)
+    if mode == "exact":
+        return (int(resize[0]), int(resize[1]))
+    scale = min(max(resize) / max(height, width), min(resize) / min(height, width))
+    return (int(height * scale + 0.5), int(width * scale + 0.5))
+
+
+def resize_pixels(pixels: torch.Tensor, size: tuple[int, int], kernel: str) -> torch.Tensor:
+    """CHW uint8 → CHW uint8 at (height, width): bilinear with antialiasing (`pil`), or without it, at the
+    half-pixel centres OpenCV's INTER_LINEAR samples (`cv2`)."""
+    if tuple(pixels.shape[-2:]) == tuple(size):
+        return pixels
+    if kernel == "pil":
+        import torchvision.transforms.v2.functional as TF
+
+        return TF.resize(pixels, list(size), antialias=True)
+    if kernel == "pil_lanczos":
+        image = Image.fromarray(pixels.permute(1, 2, 0).numpy()).resize(pil_size(size), Image.Resampling.LANCZOS)
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    out = F.interpolate(pixels[None].float(), size=size, mode="bilinear", align_corners=False, antialias=False)[0]
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def resize_label(label: np.ndarray, size: tuple[int, int], kernel: str) -> np.ndarray:
+    """Train ids to (height, width), nearest: PIL's (pixel centres) or OpenCV's INTER_NEAREST (floor of
+    dst x scale, as mmseg resizes labels)."""
+    if kernel in PIL_KERNELS:
+        return np.asarray(Image.fromarray(label).resize((size[1], size[0]), Image.Resampling.NEAREST))
+    return F.interpolate(torch.from_numpy(np.ascontiguousarray(label))[None, None].float(), size=size, mode="nearest")[0, 0].to(torch.uint8).numpy()
 
 
 def pil_size(height_width: tuple[int, int]) -> tuple[int, int]:
@@ -128,9 +189,11 @@ def pil_size(height_width: tuple[int, int]) -> tuple[int, int]:
     return (int(height_width[1]), int(height_width[0]))
 
 
-def _largest_class_share(label: np.ndarray) -> float:
-    counts = np.bincount(label.ravel(), minlength=256)[:IGNORE_INDEX]
-    return counts.max() / counts.sum() if counts.sum() else 0.0
+def _balanced(window: np.ndarray, cat_max_ratio: float) -> bool:
+    """mmseg's test: at least two classes (255 aside), and the largest below `cat_max_ratio` of the rest."""
+    counts = np.bincount(window.ravel(), minlength=256)[:IGNORE_INDEX]
+    counts = counts[counts > 0]
+    return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
 
 
 def pad_to(pixels: np.ndarray, label: np.ndarray | None, crop: tuple[int, int]):
@@ -142,6 +205,18 @@ def pad_to(pixels: np.ndarray, label: np.ndarray | None, crop: tuple[int, int]):
         if label is not None:
             label = np.pad(label, ((0, dh), (0, dw)), constant_values=IGNORE_INDEX)
     return pixels, label
+
+
+def color_jitter(image: torch.Tensor, config, rng: np.random.Generator) -> torch.Tensor:
+    """ZoDi's colour jitter (torchvision's adjust_* in a fixed order) on a CHW uint8 image, factors from `rng`."""
+    import torchvision.transforms.v2.functional as TF
+
+    b, c, s = (rng.uniform(max(0.0, 1 - x), 1 + x) for x in (config.brightness, config.contrast, config.saturation))
+    hue = rng.uniform(-config.hue, config.hue)
+    image = TF.adjust_brightness(image, b)
+    image = TF.adjust_contrast(image, c)
+    image = TF.adjust_saturation(image, s)
+    return TF.adjust_hue(image, hue)
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, where: str) -> None:
@@ -168,6 +243,7 @@ class Loaded:
     substituted: bool = False
     focus: int | None = None
     min_focus: int = 0
+    meta: dict | None = None  # a shard sample's json (its source_key pairs it with its twin)
 
 
 class MissingLabel(ValueError):
@@ -189,6 +265,7 @@ class ShardSamples:
         max_bad_fraction: float,
     ):
         self.name, self.catalogue, self.labelled, self.augment, self.access = name, catalogue, labelled, augment, access
+        self.augment_stream = stream_id(name)  # whose position seeds its crops and flips
         self.order = EpochOrder(list(catalogue.counts), seed, stream_id(name), shuffle_block)
         self.health = StreamHealth(name, max_bad_fraction, len(catalogue.urls), catalogue.total)
         self.health.named.update(catalogue.unreadable)
@@ -236,7 +313,8 @@ class ShardSamples:
             if self.labelled and LABEL_KEY not in sample:
                 raise MissingLabel(f"sample {sample.get('__key__')} has no {LABEL_KEY}")
             label = np.asarray(Image.open(io.BytesIO(sample[LABEL_KEY]))) if self.labelled else None  # mode L train ids
-            loaded = Loaded(self.augment.decode(sample[image_key]), label, str(sample["__key__"]))
+            meta = json.loads(sample["json"]) if "json" in sample else None
+            loaded = Loaded(self.augment.decode(sample[image_key]), label, str(sample["__key__"]), meta=meta)
         except Exception as exc:  # noqa: BLE001 - an undecodable sample is skipped like an unreadable one
             self._unusable.add((address.shard, address.ordinal))
             self.health.sample_failed(exc, isinstance(exc, MissingLabel))
@@ -260,6 +338,7 @@ class FolderSamples:
 
     def __init__(self, name: str, source: LabelledSource, seed: int, rcs: RareClassSampler | None, augment: Augment):
         self.name, self.source, self.rcs, self.augment = name, source, rcs, augment
+        self.augment_stream = stream_id(name)
         self.order = EpochOrder([len(source)], seed, stream_id(name), shuffle_block=len(source))
 
     @property
@@ -283,12 +362,45 @@ class FolderSamples:
         return ()
 
 
+class TwinSamples:
+    """The source items paired with a shard domain's samples (ZoDi's real image and its transferred twin): the
+    sample at a position is the folder item the target sample's json `source_key` names, augmented with the
+    target's draws (the same crop window and flip; the images must have one size after the resize)."""
+
+    def __init__(self, name: str, folder: FolderSamples, target: ShardSamples):
+        self.name, self.folder, self.target, self.augment = name, folder, target, folder.augment
+        self.augment_stream = target.augment_stream
+        self.by_key = {item.key: item for item in folder.source.items}
+
+    @property
+    def epoch_samples(self) -> int:
+        return self.target.epoch_samples
+
+    def digest(self) -> str:
+        return hashlib.sha256(f"{self.folder.digest()}|{self.target.digest()}".encode()).hexdigest()[:16]
+
+    def load(self, position: int, rng: np.random.Generator) -> Loaded:
+        twin = self.target.load(position, rng)
+        key = (twin.meta or {}).get("source_key")
+        item = self.by_key.get(key) if isinstance(key, str) else None
+        if item is None:
+            raise DataError(
+                f"{self.name} data: target sample {twin.key} names source item {key!r}, which the source folder does not hold; data.paired needs "
+                "the source the shards were made from (its json source_key)"
+            )
+        image, label = self.folder.source.load(item)
+        return Loaded(self.augment.resized(image), label, item.key, twin.substituted)
+
+    def problems(self) -> tuple[str, ...]:
+        return self.target.problems()
+
+
 class RankBatches(Dataset):
     """Item n: this rank's n-th micro-batch of one domain (dict: image uint8 BCHW, label uint8 BHW, keys,
     substituted, problems)."""
 
-    def __init__(self, samples: ShardSamples | FolderSamples, plan: ReadPlan, seed: int, num_classes: int | None):
-        self.samples, self.plan, self.seed, self.num_classes = samples, plan, seed, num_classes
+    def __init__(self, samples: ShardSamples | FolderSamples | TwinSamples, plan: ReadPlan, seed: int, num_classes: int | None, jitter=None):
+        self.samples, self.plan, self.seed, self.num_classes, self.jitter = samples, plan, seed, num_classes, jitter
         self.stream = stream_id(samples.name)
 
     def __len__(self) -> int:
@@ -297,9 +409,11 @@ class RankBatches(Dataset):
     def __getitem__(self, batch: int) -> dict:
         images, labels, keys, substituted = [], [], [], 0
         for position in self.plan.positions(batch):
-            rng = seeded(self.seed, self.stream, position, AUGMENT_DRAW)
+            rng = seeded(self.seed, self.samples.augment_stream, position, AUGMENT_DRAW)
             loaded = self.samples.load(position, rng)
             image, label = self.samples.augment(loaded.pixels, loaded.label, rng, focus=loaded.focus, min_focus=loaded.min_focus)
+            if self.jitter is not None:
+                image = color_jitter(image, self.jitter, seeded(self.seed, self.stream, position, JITTER_DRAW))
             images.append(image)
             labels.append(label)
             keys.append(loaded.key)
@@ -370,7 +484,7 @@ def domain_samples(
     name: str, domain: DomainConfig, data: TrainDataConfig, labelled: bool, seed: int, rcs: RCSConfig | None = None, cache_dir: Path | None = None
 ) -> ShardSamples | FolderSamples:
     """One domain's samples in the epoch order of `seed`."""
-    augment = Augment(domain.resize, data.crop_size, data.flip, data.cat_max_ratio if labelled else 1.0, data.decoder)
+    augment = Augment.of(domain, data, labelled)
     if domain.shards is not None:
         access = ShardAccess.of(data)
         catalogue = shard_catalogue(domain.shards, access, name)
@@ -381,12 +495,17 @@ def domain_samples(
 
 
 def train_loader(
-    samples: ShardSamples | FolderSamples, data: TrainDataConfig, plan: ReadPlan, seed: int, num_classes: int | None = None, pin_memory: bool = False
+    samples: ShardSamples | FolderSamples | TwinSamples,
+    data: TrainDataConfig,
+    plan: ReadPlan,
+    seed: int,
+    num_classes: int | None = None,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """This rank's micro-batches of one domain, `plan.batches` of them, in order."""
     workers = data.workers
     return DataLoader(
-        RankBatches(samples, plan, seed, num_classes),
+        RankBatches(samples, plan, seed, num_classes, data.color_jitter),
         batch_size=None,
         sampler=range(plan.batches),
         num_workers=workers,
@@ -423,6 +542,8 @@ class EvalSet(Dataset):
 
     def __init__(self, domain: DomainConfig, access: ShardAccess = ShardAccess()):
         self.resize = domain.resize
+        self.augment = Augment(domain.resize, (1, 1), False, resize_mode=domain.resize_mode, kernel=domain.resize_kernel)  # its resize only
+        self.resize_labels = domain.resize_labels
         self.source: LabelledSource | None = None
         self._loaders: dict[tuple, DataLoader] = {}
         if domain.folder is not None:
@@ -449,9 +570,10 @@ class EvalSet(Dataset):
             image_key = next(k for k in IMAGE_KEYS if k in item)
             image = Image.open(io.BytesIO(item[image_key])).convert("RGB")
             label = np.asarray(Image.open(io.BytesIO(item[LABEL_KEY])))
-        if self.resize and image.size != pil_size(self.resize):
-            image = image.resize(pil_size(self.resize), Image.Resampling.BILINEAR)
-        return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()), torch.from_numpy(np.array(label))
+        pixels = self.augment.resized(image)
+        if self.resize_labels and label.shape != pixels.shape[:2]:
+            label = resize_label(np.asarray(label), pixels.shape[:2], "pil")  # nearest, as ZoDi's PIL NEAREST
+        return torch.from_numpy(pixels.transpose(2, 0, 1).copy()), torch.from_numpy(np.array(label))
 
     def loader(self, rank: int, world: int, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
         """This rank's slice, batched; made once and kept, its workers alive between evaluations."""

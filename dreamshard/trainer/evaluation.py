@@ -16,6 +16,7 @@ from dreamshard.format.store import atomic_write, atomic_write_json
 from dreamshard.logs import console
 from dreamshard.trainer.checkpoints import load_weights, read_weights
 from dreamshard.trainer.data import EvalSet, ShardAccess, check_labels
+from dreamshard.trainer.hrda import build_segmenter
 from dreamshard.trainer.metrics import confusion_metric, format_table, summarize
 from dreamshard.trainer.model import Segmenter
 from dreamshard.trainer.runtime import Runtime, init_distributed, runtime, sync_buffers
@@ -93,7 +94,7 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint: Path) -> dict:
     created_group = init_distributed()
     try:
         rt = runtime(config)
-        model = Segmenter(config.model, load_pretrained=False).to(rt.device)  # the checkpoint holds every weight
+        model = build_segmenter(config.model, load_pretrained=False).to(rt.device)  # the checkpoint holds every weight
         weights = checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint
         fix = "evaluate with the config the checkpoint was trained with (its config.yaml)"
         load_weights(model, read_weights(weights, config.model.num_classes), weights, fix)

@@ -47,8 +47,9 @@ from dreamshard.trainer.checkpoints import (
 )
 from dreamshard.trainer.data import EvalSet, ShardAccess
 from dreamshard.trainer.evaluation import evaluate_and_save
+from dreamshard.trainer.hrda import build_segmenter
 from dreamshard.trainer.methods import Gradients, build_method
-from dreamshard.trainer.model import Segmenter, head_parameter_groups
+from dreamshard.trainer.model import head_parameter_groups
 from dreamshard.trainer.pictures import write_pictures
 from dreamshard.trainer.runtime import Runtime, gather, init_distributed, runtime, sync_buffers
 from dreamshard.trainer.streams import BatchSizes, DataStreams, batch_sizes, iteration_seed, trim_records
@@ -195,7 +196,7 @@ def build_state(config: TrainConfig, rt: Runtime, out: Path) -> tuple[TrainState
     """Model, method, optimiser, schedule and scaler, resumed from the newest checkpoint when there is one;
     and the student as the loop calls it (DDP-wrapped on several ranks, compiled with train.compile)."""
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    model = Segmenter(config.model).to(rt.device)
+    model = build_segmenter(config.model).to(rt.device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     student: torch.nn.Module = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.world > 1 else model

@@ -62,6 +62,21 @@ def weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor
     return (loss * weight).mean() if weight is not None else loss.mean()
 
 
+def supervised_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None, with_features: bool = False):
+    """(loss, features or None): weighted CE of the model's logits, or with HRDA its multi-resolution loss
+    (trainer/hrda.py); `with_features`: the backbone features the feature distance compares."""
+    from dreamshard.trainer.hrda import HRDASegmenter, hrda_loss
+
+    core = unwrap(model)
+    if isinstance(core, HRDASegmenter):
+        outputs = model(images, hr_crop=True, with_features=with_features)
+        return hrda_loss(core, outputs, labels, weight, weighted_ce), outputs[3]
+    if with_features:
+        logits, features = model(images, with_features=True)
+        return weighted_ce(logits, labels, weight), features
+    return weighted_ce(model(images), labels, weight), None
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain segmenter inside a DDP and/or torch.compile wrapper."""
     while True:
@@ -86,7 +101,7 @@ class SourceOnly:
         logs = {}
         for i, domain in enumerate(self.domains):
             with grads.sync(final=i == len(self.domains) - 1):
-                loss = weighted_ce(self.model(batch[f"{domain}_image"]), batch[f"{domain}_label"])
+                loss, _ = supervised_loss(self.model, batch[f"{domain}_image"], batch[f"{domain}_label"])
                 grads.backward(loss)
             logs[f"loss_{domain}"] = loss.detach()
         if visual:
@@ -138,14 +153,12 @@ class DACS:
 
         # Source CE (+ FD on the same forward, so DDP sees one backward per forward).
         with grads.sync(final=False):
-            if self.imnet is not None:
-                logits, features = self.model(src_img, with_features=True)
-                loss_src = weighted_ce(logits, src_lbl)
+            loss_src, features = supervised_loss(self.model, src_img, src_lbl, with_features=self.imnet is not None)
+            loss_src_total = loss_src
+            if features is not None:
                 loss_fd = self.feature_distance(features[-1], src_img, src_lbl)
                 logs["loss_fd"] = loss_fd.detach()
                 loss_src_total = loss_src + loss_fd
-            else:
-                loss_src = loss_src_total = weighted_ce(self.model(src_img), src_lbl)
             grads.backward(loss_src_total)
         logs["loss_source"] = loss_src.detach()
 
@@ -158,14 +171,14 @@ class DACS:
         mixed_weight = masks + (1 - masks) * pseudo_weight
         mixed_img = strong_augment(mixed_img, cfg)
         with grads.sync(final=not cfg.mic.enabled):
-            loss_mix = weighted_ce(self.model(mixed_img), mixed_lbl, mixed_weight)
+            loss_mix, _ = supervised_loss(self.model, mixed_img, mixed_lbl, mixed_weight)
             grads.backward(loss_mix)
         logs["loss_mix"] = loss_mix.detach()
 
         if cfg.mic.enabled:
             masked = mask_blocks(strong_augment(tgt_img, cfg), cfg.mic.mask_ratio, cfg.mic.block_size, unwrap(self.model).mean)
             with grads.sync(final=True):
-                loss_mic = cfg.mic.weight * weighted_ce(self.model(masked), pseudo_label, pseudo_weight)
+                loss_mic = cfg.mic.weight * supervised_loss(self.model, masked, pseudo_label, pseudo_weight)[0]
                 grads.backward(loss_mic)
             logs["loss_mic"] = loss_mic.detach()
         if visual:
@@ -207,8 +220,9 @@ class DACS:
         """λ · mean L2 distance to the frozen initial backbone's last-level features, on thing-class pixels."""
         fd = self.config.fd
         assert self.imnet is not None  # built when fd is enabled
-        with torch.no_grad():
-            imnet_features = self.imnet((images - unwrap(self.model).mean) / unwrap(self.model).std)[-1]
+        core = unwrap(self.model)
+        with torch.no_grad():  # the frozen backbone sees what the student's compared features saw (HRDA: the context)
+            imnet_features = self.imnet((core.context_input(images) - core.mean) / core.std)[-1]
         distance = torch.norm(features.float() - imnet_features.float(), dim=1)
         scale = labels.shape[-1] // features.shape[-1]
         small = downscale_labels(labels, scale, fd.scale_min_ratio, self.num_classes)
@@ -239,29 +253,88 @@ def class_mix_masks(labels: torch.Tensor, num_classes: int | None = None) -> tor
 
 
 def strong_augment(images: torch.Tensor, config: UDAConfig) -> torch.Tensor:
-    """DACS strong aug on images in [0, 1]: colour jitter (per image factors; on with prob p) and Gaussian
-    blur (prob 0.5, sigma ~ U(0.15, 1.15), kernel ≈ 10% of the size, odd), decided once per batch."""
+    """DACS's strong augmentation as DAFormer draws it (`mmseg/models/utils/dacs_transforms.py`): one draw
+    per batch decides colour jitter (with probability color_jitter_p) and one blur (with probability 0.5);
+    each image then gets its own jitter factors and order, and its own blur sigma. The jitter has kornia
+    0.5.8's semantics (uda.strong_augment: daformer) or torchvision's."""
     s = config.color_jitter_strength
     if s > 0 and torch.rand(()) < config.color_jitter_p:
-        out = []
-        for image in images.float():
-            b, c, sat = (1 + (torch.rand(3) * 2 - 1) * s).tolist()
-            hue = float((torch.rand(()) * 2 - 1) * min(s, 0.5))
-            image = TF.adjust_brightness(image, b)
-            image = TF.adjust_contrast(image, c)
-            image = TF.adjust_saturation(image, sat)
-            out.append(TF.adjust_hue(image, hue))
-        images = torch.stack(out).to(images.dtype)
+        transform = jitter if config.strong_augment == "daformer" else torchvision_jitter
+        images = torch.stack([transform(image, *draw_jitter(s)) for image in images.float()]).to(images.dtype)
     if config.blur and torch.rand(()) < 0.5:
-        sigma = float(torch.empty(()).uniform_(0.15, 1.15))
-        kernel = [_odd_kernel(images.shape[-2]), _odd_kernel(images.shape[-1])]
-        images = TF.gaussian_blur(images, kernel_size=kernel[::-1], sigma=[sigma, sigma])
+        kernel = [blur_kernel_size(images.shape[-2]), blur_kernel_size(images.shape[-1])]
+        sigmas = torch.empty(images.shape[0]).uniform_(0.15, 1.15).tolist()
+        images = torch.stack([TF.gaussian_blur(image, kernel_size=kernel[::-1], sigma=[sigma, sigma]) for image, sigma in zip(images, sigmas)])
     return images
 
 
-def _odd_kernel(size: int) -> int:
+def draw_jitter(strength: float) -> tuple[tuple[float, float, float, float], list[int]]:
+    """kornia 0.5.8 ColorJitter(s, s, s, s)'s draws: brightness, contrast and saturation factors from
+    U(max(0, 1 - s), 1 + s), hue from U(-min(s, 0.5), min(s, 0.5)) (a fraction of the colour circle), and a
+    random order of the four operations."""
+    low = max(0.0, 1 - strength)
+    b, c, sat = (low + torch.rand(3) * (1 + strength - low)).tolist()
+    hue = float((torch.rand(()) * 2 - 1) * min(strength, 0.5))
+    return (b, c, sat, hue), torch.randperm(4).tolist()
+
+
+def jitter(image: torch.Tensor, factors: tuple[float, float, float, float], order: list[int]) -> torch.Tensor:
+    """One image in [0, 1] through kornia 0.5.8's operations, in `order` (0 brightness, 1 contrast, 2
+    saturation, 3 hue): brightness adds b - 1, contrast multiplies by c (no mean), saturation scales S in HSV,
+    hue turns H by hue x 2π; each result clamped to [0, 1] (S too)."""
+    b, c, sat, hue = factors
+    for op in order:
+        if op == 0:
+            image = (image + (b - 1)).clamp(0, 1)
+        elif op == 1:
+            image = (image * c).clamp(0, 1)
+        else:
+            h, s, v = rgb_to_hsv(image)
+            if op == 2:
+                s = (s * sat).clamp(0, 1)
+            else:
+                h = torch.fmod(h + hue * 2 * math.pi, 2 * math.pi)
+            image = hsv_to_rgb(h, s, v)
+    return image
+
+
+def torchvision_jitter(image: torch.Tensor, factors: tuple[float, float, float, float], order: list[int]) -> torch.Tensor:
+    """The same draws through torchvision's adjust_* (multiplicative brightness, contrast and saturation
+    blended with grey) in a fixed order (uda.strong_augment: torchvision)."""
+    b, c, sat, hue = factors
+    image = TF.adjust_contrast(TF.adjust_brightness(image, b), c)
+    return TF.adjust_hue(TF.adjust_saturation(image, sat), hue)
+
+
+def rgb_to_hsv(image: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kornia's RGB → HSV: H in [0, 2π), S = (max - min) / (V + eps), V = max."""
+    maximum, argmax = image.max(dim=0)
+    delta = maximum - image.min(dim=0).values
+    saturation = delta / (maximum + eps)
+    delta = torch.where(delta == 0, torch.ones_like(delta), delta)
+    rc, gc, bc = maximum - image
+    hue = torch.stack([bc - gc, 2 * delta + rc - bc, 4 * delta + gc - rc]).gather(0, argmax[None])[0] / delta
+    return 2 * math.pi * ((hue / 6) % 1), saturation, maximum
+
+
+def hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """kornia's HSV → RGB."""
+    h = hue / (2 * math.pi) * 6
+    sector = torch.floor(h) % 6
+    f = h % 6 - sector
+    p, q, t = value * (1 - saturation), value * (1 - f * saturation), value * (1 - (1 - f) * saturation)
+    table = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q)]
+    out = torch.zeros((3, *hue.shape), dtype=hue.dtype, device=hue.device)
+    for k, channels in enumerate(table):
+        out = torch.where(sector == k, torch.stack(channels), out)
+    return out
+
+
+def blur_kernel_size(size: int) -> int:
+    """DAFormer's Gaussian kernel: floor(ceil(0.1 d) - 0.5 + ceil(0.1 d) mod 2), i.e. ceil(0.1 d) when odd, one
+    less when even (51 for 512)."""
     k = math.ceil(0.1 * size)
-    return max(3, k + 1 - k % 2)
+    return int(math.floor(k - 0.5 + k % 2))
 
 
 def mask_blocks(images: torch.Tensor, ratio: float, block: int, fill: torch.Tensor) -> torch.Tensor:

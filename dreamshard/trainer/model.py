@@ -55,6 +55,20 @@ class DecodeHead(nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(embed_dim, num_classes, 1)
 
+    def init_like_mmseg(self) -> None:
+        """DAFormer's initialisation (mmcv 1.3 ConvModule and mmseg's BaseDecodeHead): every conv followed by
+        BN + ReLU kaiming-normal (fan_out, relu), BN weight 1 and bias 0, the classifier N(0, 0.01) with bias
+        0. The embeddings (DAFormer's nn.Linear MLPs, 1x1 convs here) keep PyTorch's default, as there."""
+        fusion = [*(self.aspp or []), self.fuse]
+        for module in (m for part in fusion for m in part.modules()):
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         size = features[0].shape[-2:]
         x = torch.cat([F.interpolate(proj(f), size=size, mode="bilinear", align_corners=False) for proj, f in zip(self.embed, features)], 1)
@@ -81,7 +95,10 @@ class DeepLabV2Head(nn.Module):
 def build_head(config: TrainModelConfig, channels: list[int]) -> nn.Module:
     if config.decoder == "deeplabv2":
         return DeepLabV2Head(channels, config.num_classes, config.dilations or DEEPLABV2_DILATIONS)
-    return DecodeHead(channels, config.embed_dim, config.num_classes, config.dropout, config.decoder, config.dilations or DAFORMER_DILATIONS)
+    head = DecodeHead(channels, config.embed_dim, config.num_classes, config.dropout, config.decoder, config.dilations or DAFORMER_DILATIONS)
+    if config.head_init == "daformer":
+        head.init_like_mmseg()
+    return head
 
 
 class Segmenter(nn.Module):
@@ -91,10 +108,15 @@ class Segmenter(nn.Module):
     def __init__(self, config: TrainModelConfig, load_pretrained: bool = True):
         super().__init__()
         self.backbone, channels = build_backbone(config, load_pretrained)
+        self.feature_channels = list(channels)
         self.decode_head = build_head(config, channels)
         self.num_classes = config.num_classes
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def context_input(self, images: torch.Tensor) -> torch.Tensor:
+        """What the backbone sees for the features the feature distance compares (HRDA: a smaller view)."""
+        return images
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Backbone features of images in [0, 1]."""
@@ -108,13 +130,14 @@ class Segmenter(nn.Module):
 
 
 def head_parameter_groups(model: Segmenter, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict]:
-    """AdamW groups: the decode head gets `head_lr_mult` x lr; normalisation weights get no weight decay."""
+    """AdamW groups: the decode head (and HRDA's attention head) get `head_lr_mult` x lr; normalisation weights
+    get no weight decay."""
     norm_params = {
         id(p) for m in model.modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) for p in m.parameters(recurse=False)
     }
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
-        key = (name.startswith("decode_head."), id(param) in norm_params)
+        key = (name.startswith(("decode_head.", "scale_attention.")), id(param) in norm_params)
         groups.setdefault(key, []).append(param)
     return [
         {"params": params, "lr": lr * (head_lr_mult if is_head else 1.0), "weight_decay": 0.0 if is_norm else weight_decay}

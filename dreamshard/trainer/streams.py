@@ -21,7 +21,7 @@ from dreamshard.config import TrainConfig, TrainDataConfig
 from dreamshard.errors import UserError, one_line
 from dreamshard.format.store import atomic_write
 from dreamshard.trainer.checkpoints import TrainState
-from dreamshard.trainer.data import FolderSamples, ShardSamples, domain_samples, train_loader
+from dreamshard.trainer.data import FolderSamples, ShardSamples, TwinSamples, domain_samples, train_loader
 from dreamshard.trainer.order import ORDER_VERSION, ReadPlan
 from dreamshard.trainer.runtime import Runtime
 from dreamshard.trainer.shards import DataError
@@ -79,13 +79,17 @@ class DataStreams:
 
     def __init__(self, config: TrainConfig, rt: Runtime, state: TrainState, sizes: BatchSizes, out: Path):
         self.config, self.rt, self.sizes = config, rt, sizes
-        self.samples: dict[str, ShardSamples | FolderSamples] = {
+        self.samples: dict[str, ShardSamples | FolderSamples | TwinSamples] = {
             name: domain_samples(
                 name, getattr(config.data, name), config.data, labelled, config.seed, config.uda.rcs if name == "source" else None,
                 Path(config.data.cache_dir) / "rcs",
             )
             for name, labelled in training_domains(config).items()
         }  # fmt: skip
+        if config.data.paired:  # the source follows the target: each target sample's real twin
+            folder, target = self.samples["source"], self.samples["target"]
+            assert isinstance(folder, FolderSamples) and isinstance(target, ShardSamples)  # TrainConfig checks the kinds
+            self.samples["source"] = TwinSamples("source", folder, target)
         self.position = self._start(state)
         plan = ReadPlan((config.max_iters - state.iteration) * sizes.accum, sizes.per_rank, self.position, rt.rank, rt.world)
         pin = config.data.pin_memory if config.data.pin_memory is not None else rt.device.type == "cuda"
