@@ -231,4 +231,5 @@ def test_recipe_configs_load_and_plan(name, monkeypatch):
     json.dumps([spec.metadata() for spec in specs])
     assert len({spec.prompt for spec in specs}) >= 10
     if name.startswith("datum"):
-        assert specs[0].prompt == "a photo of a sks traffic light" and specs[10].class_name == "traffic light"
+        # DATUM's wording: no article, plural noun (class_words); the class name stays singular
+        assert specs[0].prompt == "a photo of sks traffic lights" and specs[10].class_name == "traffic light"
