@@ -55,15 +55,15 @@ def main(argv: list[str] | None = None) -> dict:
             for seed in args.seeds:
                 results[model, seed] = {method: run(method, seed, model, toy, Path(tmp), args.size) for method in ("source_only", "dacs")}
                 pair = results[model, seed]
-                print(f"{model} seed {seed}: source_only {pair['source_only'].mIoU:.3f}, dacs {pair['dacs'].mIoU:.3f}", flush=True)
+                print(f"{model} seed {seed}: source_only {pair['source_only'].mIoU:.1f}, dacs {pair['dacs'].mIoU:.1f}", flush=True)
     print("| backbone:decoder[:iterations] | seed | source_only | dacs | gain | source_only it/s | dacs it/s |\n| --- | --- | --- | --- | --- | --- | --- |")
     for (model, seed), pair in results.items():
         so, da = pair["source_only"], pair["dacs"]
-        print(f"| {model} | {seed} | {so.mIoU:.3f} | {da.mIoU:.3f} | {da.mIoU - so.mIoU:+.3f} | {so.it_per_s:.1f} | {da.it_per_s:.1f} |")
+        print(f"| {model} | {seed} | {so.mIoU:.1f} | {da.mIoU:.1f} | {da.mIoU - so.mIoU:+.1f} | {so.it_per_s:.1f} | {da.it_per_s:.1f} |")
     for model in args.models:
         first = results[model, args.seeds[0]]
         per_class = ", ".join(
-            f"{name} {first['source_only'].per_class_iou[name]:.2f} → {first['dacs'].per_class_iou[name]:.2f}" for name in first["dacs"].per_class_iou
+            f"{name} {first['source_only'].per_class_iou[name]:.1f} → {first['dacs'].per_class_iou[name]:.1f}" for name in first["dacs"].per_class_iou
         )
         print(f"{model}, per class IoU, seed {args.seeds[0]}, source_only → dacs: {per_class}")
     return results

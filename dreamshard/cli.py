@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -14,20 +15,35 @@ from rich.text import Text
 from dreamshard import __version__
 from dreamshard.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, Interrupted, Terminated, UserError, on_sigterm_raise, terminated
 from dreamshard.format.store import store_error
-from dreamshard.logs import console, set_log_every, setup_logging
+from dreamshard.logs import console, results, set_log_every, setup_logging
 
+# Results go to stdout (`results`), logs, progress and error lines to stderr (`console`); `--json` on
+# inspect, plan, verify and eval prints one JSON document with the keys listed in docs/cli.md.
 app = typer.Typer(
     help="Personalised Stable Diffusion data generation at scale (Ray + WebDataset) and UDA segmentation training.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 SET_HELP = "Override a config value: --set dotted.key=value (repeatable; values parsed as YAML)."
 LOG_EVERY_OPTION = typer.Option(
     None, "--log-every", min=0, help="When the output is not a terminal (a log file), print a progress line at least this often (seconds; default 30)."
 )
+
+
+def say(text: str) -> None:
+    """One result line on stdout, as it is (no markup, no highlighting, never wrapped)."""
+    results.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def print_json(document: object) -> None:
+    """A command's --json answer: one JSON document on stdout."""
+    typer.echo(json.dumps(document, indent=2, default=str))
+
+
+JSON_OPTION = typer.Option(False, "--json", help="Print the result as one JSON document on stdout (keys: docs/cli.md).")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -118,7 +134,7 @@ def tiny_model(
     if out.exists() and any(out.iterdir()):
         fail(f"{out} exists and is not empty; choose a new directory or remove it first")
     build_tiny_model(out, preset, seed)
-    console.print(f"wrote {preset} model to {out}", markup=False)
+    say(f"wrote {preset} model to {out}")
 
 
 @app.command("generate")
@@ -148,13 +164,11 @@ def generate(
 
     ClusterWatchdog.hard_exit = True  # a lost cluster ends this process with one line, even if a Ray call blocks
     summary = run_generate(load_config(config, GenerateConfig, sets), out, num_samples, address, force_new, verify=verify)
-    console.print(
+    say(
         f"{summary.out}: {summary.samples} samples in {summary.shards} shards ({summary.bytes / 2**20:.1f} MiB); "
         f"generated {summary.images_generated} images in {summary.shards_generated} shards "
         f"({summary.shards_skipped} already done) at {summary.images_per_s:.1f} images/s; "
-        f"{summary.retries} retries, {summary.failed_workers} failed workers; wall time {summary.wall_seconds:.1f} s",
-        highlight=False,
-        markup=False,
+        f"{summary.retries} retries, {summary.failed_workers} failed workers; wall time {summary.wall_seconds:.1f} s"
     )
     if not summary.ok:
         failed = "; ".join(f"shard {shard}: {reason}" for shard, reason in sorted(summary.failed_shards.items()))
@@ -170,51 +184,35 @@ def plan(
     num_samples: Optional[int] = typer.Option(None, "--num-samples", min=1, help="Samples in the dataset; default: run.num_samples."),
     first: int = typer.Option(10, "-n", "--first", min=0, help="How many of the first prompts to show."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Say how busy this many workers (GPUs) would be."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """What `generate` would do, without Ray or the model: shards, the first prompts and seeds, counts per
     class / template / style value, estimated bytes, and fresh / resume / extend / refuse for the output."""
-    from rich.table import Table
-
     from dreamshard.config import GenerateConfig, load_config
     from dreamshard.engine.dryrun import dry_run
 
     report = dry_run(load_config(config, GenerateConfig, sets), out, num_samples, first, workers)
-    console.print(
-        f"{report.out}: {report.samples} samples in {report.shards} shards of {report.samples_per_shard}; "
-        f"about {report.estimated_bytes / 2**30:.2f} GiB ({report.bytes_basis})",
-        markup=False,
-        highlight=False,
-    )
-    console.print(f"generate would: {report.action} — {report.detail}", markup=False, highlight=False)
-    console.print(f"each worker needs about {report.memory_gib:.1f} GiB for one call's activations (half precision), besides the model", markup=False)
-    if report.workers:
-        console.print(report.workers, markup=False, highlight=False)
-    prompts = Table(title=f"the first {len(report.first)} samples")
-    for column in ("index", "seed", "class", "style", "steps", "guidance", "prompt"):
-        prompts.add_column(column)
-    for row in report.first:
-        style = ", ".join(f"{k}={v}" for k, v in row["style"].items())
-        prompts.add_row(str(row["index"]), str(row["seed"]), row["class"], style, str(row["steps"]), f"{row['guidance']:g}", row["prompt"])
-    console.print(prompts)
-    for name, counter in report.counts.items():
-        table = Table(title=f"{name} (first {report.counted} samples)")
-        table.add_column(name.split(": ")[-1])
-        table.add_column("samples", justify="right")
-        for value, count in sorted(counter.items(), key=lambda item: (-item[1], item[0])):
-            table.add_row(value, str(count))
-        console.print(table)
+    if as_json:
+        print_json(plan_json(report))
+    else:
+        print_plan(report)
     if report.action == "refuse":
         raise typer.Exit(2)
 
 
 @app.command("inspect")
 @user_errors(kept=NOTHING)
-def inspect(out: str = typer.Argument(..., help="A run directory (or fsspec URL) written by `dreamshard generate`.")) -> None:
-    """Samples, shards, bytes and counts per class / template / style axis."""
-    from dreamshard.tools.inspect import inspect_dataset, inspect_tables
+def inspect(out: str = typer.Argument(..., help="A run directory (or fsspec URL) written by `dreamshard generate`."), as_json: bool = JSON_OPTION) -> None:
+    """Samples, shards, bytes and counts per class / template / style axis, the generate calls' statistics
+    and the quality scores."""
+    from dreamshard.tools.inspect import inspect_dataset, inspect_json, inspect_tables
 
-    for table in inspect_tables(inspect_dataset(out)):
-        console.print(table)
+    info = inspect_dataset(out)
+    if as_json:
+        print_json(inspect_json(info))
+        return
+    for table in inspect_tables(info):
+        results.print(table)
 
 
 @app.command("verify")
@@ -223,17 +221,22 @@ def verify(
     out: str = typer.Argument(..., help="A run directory (or fsspec URL) written by `dreamshard generate`."),
     decode: bool = typer.Option(True, "--decode/--no-decode", help="Decode every image (slower, catches corrupt images)."),
     log_every: Optional[float] = LOG_EVERY_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Check a run directory against the data contract; exit 1 listing the problems."""
     set_log_every(log_every)
     from dreamshard.tools.verify import verify_dataset
 
     problems = verify_dataset(out, decode_images=decode)
-    for problem in problems:
-        console.print(f"- {problem}", highlight=False, soft_wrap=True, markup=False)
+    if as_json:
+        print_json({"out": out, "ok": not problems, "problems": problems})
+    else:
+        for problem in problems:
+            say(f"- {problem}")
     if problems:
         fail(f"{out}: {len(problems)} problem(s) found", 1)
-    console.print(f"{out}: ok", markup=False)
+    if not as_json:
+        say(f"{out}: ok")
 
 
 @app.command("repair")
@@ -259,21 +262,28 @@ def repair(
         record = record_for(load_config(config, GenerateConfig, sets), out)
     done = repair_run(out, record, check_shards=shards)
     for line in done:
-        console.print(f"- {line}", highlight=False, soft_wrap=True, markup=False)
-    console.print(f"{out}: {'repaired' if done else 'nothing to repair'}", markup=False, soft_wrap=True)
+        say(f"- {line}")
+    say(f"{out}: {'repaired' if done else 'nothing to repair'}")
 
 
 @app.command("preview")
 @user_errors(kept=NOTHING)
 def preview(
     out: str = typer.Argument(..., help="A run directory (or fsspec URL) written by `dreamshard generate`."),
-    count: int = typer.Option(64, "-n", "--count", min=1, help="How many samples (the first ones)."),
+    count: int = typer.Option(64, "-n", "--count", min=1, help="How many samples."),
     output: Path = typer.Option(Path("grid.png"), "-o", "--output", help="The contact sheet to write (PNG)."),
+    pick: str = typer.Option(
+        "first", "--pick", help="Which samples: first, random (seeded by --seed), class (spread over the classes), style:AXIS, clip (lowest CLIP scores)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of --pick random."),
+    label: str = typer.Option("side", "--label", help="Samples with a label (seg.png): side (beside the image), overlay, none."),
+    tile: int = typer.Option(192, "--tile", min=32, help="Longer side of each image in pixels (aspect ratio kept)."),
 ) -> None:
-    """A contact sheet of the first samples with their prompts as captions."""
+    """A contact sheet of samples with their prompts as captions; images keep their aspect ratio, labels
+    (conditioned modes) show in the Cityscapes palette."""
     from dreamshard.tools.preview import preview_grid
 
-    console.print(f"wrote {preview_grid(out, count, output)}", markup=False)
+    say(f"wrote {preview_grid(out, count, output, pick=pick, seed=seed, label=label, tile=tile)}")
 
 
 @app.command("personalize")
@@ -326,12 +336,10 @@ def train(
         summary = run_train(train_config, restart=restart)
     if summary.mIoU is not None:
         best = summary.best
-        best_text = f"; best {100 * best['mIoU']:.2f} at iteration {best['iteration']} ({best['checkpoint']})" if best else ""
-        console.print(
-            f"{summary.output}: mIoU {100 * summary.mIoU:.2f} after {summary.iterations} iterations{best_text} ({summary.wall_s:.0f} s)",
-            highlight=False,
-            markup=False,
-        )
+        best_text = f"; best {best['mIoU']:.2f} at iteration {best['iteration']} ({best['checkpoint']})" if best else ""
+        say(f"{summary.output}: mIoU {summary.mIoU:.2f} % after {summary.iterations} iterations{best_text} ({summary.wall_s:.0f} s)")
+    else:
+        say(f"{summary.output}: trained {summary.iterations} iterations, no evaluation (no data.val) ({summary.wall_s:.0f} s)")
 
 
 @app.command("eval")
@@ -341,15 +349,22 @@ def evaluate(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint directory (OUTPUT/checkpoints/iter_N) or its model.safetensors."),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Also write the metrics (per-class IoU) to this JSON file."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
-    """Evaluate a checkpoint on data.val: per-class IoU, mIoU (and mIoU16/13 for the 19 classes), accuracy."""
+    """Evaluate a checkpoint on data.val: per-class IoU, mIoU (and mIoU16/13 for the 19 classes), accuracy,
+    all in percent."""
     from dreamshard.config import TrainConfig, load_config
     from dreamshard.format.store import atomic_write_json
     from dreamshard.trainer.evaluation import evaluate_checkpoint
+    from dreamshard.trainer.metrics import format_table
 
     summary = evaluate_checkpoint(load_config(config, TrainConfig, sets), checkpoint)
     if output is not None:
         atomic_write_json(output, summary)
+    if as_json:
+        print_json(summary)
+    elif summary:  # ranks other than 0 answer nothing
+        say(format_table(summary))
 
 
 @app.command("toy-data")
@@ -366,7 +381,7 @@ def toy_data(
     if out.exists() and any(out.iterdir()):
         fail(f"{out} exists and is not empty; choose a new directory or remove it first")
     paths = make_toy(out, seed=seed, size=size)
-    console.print(f"wrote toy data to {out}: " + ", ".join(f"{name}/" for name in paths), markup=False)
+    say(f"wrote toy data to {out}: " + ", ".join(f"{name}/" for name in paths))
 
 
 @app.command("study")
@@ -385,10 +400,46 @@ def study(
 
     ClusterWatchdog.hard_exit = True
     summary = run_study(load_config(config, StudyConfig, sets), address=address)
-    console.print((summary.out / "study.md").read_text(), highlight=False, markup=False)
-    console.print(f"study: {len(summary.trained)} run(s) trained, {len(summary.skipped)} already done; results in {summary.out}", markup=False)
+    say((summary.out / "study.md").read_text().rstrip("\n"))
+    say(f"study: {len(summary.trained)} run(s) trained, {len(summary.skipped)} already done; results in {summary.out}")
     if not summary.ok:
         fail(f"{len(summary.failed)} run(s) failed after retries: {', '.join(sorted(summary.failed))}; re-run to retry them", 1)
+
+
+def plan_json(report) -> dict:
+    """`plan --json`: the PlanReport's fields (docs/cli.md); counts as {value: samples}, most first."""
+    from dataclasses import fields
+
+    document = {item.name: getattr(report, item.name) for item in fields(report)}
+    document["counts"] = {name: dict(counter.most_common()) for name, counter in report.counts.items()}
+    return document
+
+
+def print_plan(report) -> None:
+    from rich.table import Table
+
+    say(
+        f"{report.out}: {report.samples} samples in {report.shards} shards of {report.samples_per_shard}; "
+        f"about {report.estimated_bytes / 2**30:.2f} GiB ({report.bytes_basis})"
+    )
+    say(f"generate would: {report.action} — {report.detail}")
+    say(f"each worker needs about {report.memory_gib:.1f} GiB for one call's activations (half precision), besides the model")
+    if report.workers:
+        say(report.workers)
+    prompts = Table(title=f"the first {len(report.first)} samples")
+    for column in ("index", "seed", "class", "style", "steps", "guidance", "prompt"):
+        prompts.add_column(column)
+    for row in report.first:
+        style = ", ".join(f"{k}={v}" for k, v in row["style"].items())
+        prompts.add_row(str(row["index"]), str(row["seed"]), row["class"], style, str(row["steps"]), f"{row['guidance']:g}", row["prompt"])
+    results.print(prompts)
+    for name, counter in report.counts.items():
+        table = Table(title=f"{name} (first {report.counted} samples)")
+        table.add_column(name.split(": ")[-1])
+        table.add_column("samples", justify="right")
+        for value, count in sorted(counter.items(), key=lambda item: (-item[1], item[0])):
+            table.add_row(value, str(count))
+        results.print(table)
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m dreamshard`

@@ -1,10 +1,14 @@
-"""Rich logging for the CLI, and quiet third-party loggers."""
+"""The CLI's two streams and quiet third-party loggers. Results (tables, summaries, JSON) go to stdout
+(`results`), logs and progress to stderr (`console`), so `dreamshard inspect RUN > f` or `| jq` gets the
+data alone. On a terminal both are rich; in a pipe or a log file nothing is cut or wrapped at 80 columns:
+tables are written at their full width and log lines are plain, one line per record."""
 
 from __future__ import annotations
 
 import datetime
 import logging
 import os
+import sys
 import time
 import warnings
 from typing import Any
@@ -13,19 +17,29 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+console = Console(stderr=True)  # logs, progress, error lines
+results = Console()  # what a command answers: stdout
+UNWRAPPED = 1_000_000  # the width of a console that is not a terminal: tables and lines are never cut
+
+
+def unwrap_consoles() -> None:
+    """Give each console that does not write to a terminal an unlimited width (rich would assume 80)."""
+    for stream in (console, results):
+        stream.width = None if stream.is_terminal else UNWRAPPED  # type: ignore[assignment]
 
 
 def setup_logging(verbosity: int = 0) -> None:
     """verbosity: -1 quiet (warnings only), 0 info, 1 debug."""
+    unwrap_consoles()
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
-    logging.basicConfig(
-        level=level,
-        format="%(message)s",
-        datefmt="[%X]",
-        handlers=[RichHandler(console=console, show_path=verbosity > 0, rich_tracebacks=False)],
-        force=True,
-    )
+    handler: logging.Handler
+    if console.is_terminal:
+        handler = RichHandler(console=console, show_path=verbosity > 0, rich_tracebacks=False)
+        fmt, datefmt = "%(message)s", "[%X]"
+    else:  # a log file: one plain, whole line per record, with the date
+        handler = logging.StreamHandler(sys.stderr)
+        fmt, datefmt = "%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"
+    logging.basicConfig(level=level, format=fmt, datefmt=datefmt, handlers=[handler], force=True)
     if verbosity < 1:
         # Library chatter (progress bars, deprecation notes) drowns our own progress otherwise.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

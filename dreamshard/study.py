@@ -238,7 +238,7 @@ def _train_all(config: StudyConfig, configs: dict[str, TrainConfig], todo: list[
                         summary.trained.append(run.run_id)
                         if run.size is not None and row["miou"] is not None and (best is None or row["miou"] > best[1]):
                             best = (run.run_id, row["miou"])
-                    progress.update(total - len(pending), f"best so far {best[0]} mIoU {100 * best[1]:.2f}" if best else "")
+                    progress.update(total - len(pending), f"best so far {best[0]} mIoU {best[1]:.2f}" if best else "")
                 progress.update(total - len(pending), progress.info)  # a line in a log every --log-every s while runs train
     except BaseException:
         if not watchdog.problem:  # runs that never started would wait in the cluster for this gone driver
@@ -296,7 +296,8 @@ def train_one(config: TrainConfig, result_path: str, size: int | None, seed: int
     row = {
         "size": size,
         "seed": seed,
-        "miou": result.mIoU,
+        "miou": result.mIoU,  # percent, as every mIoU dreamshard writes
+        "method": config.method,
         "per_class_iou": result.per_class_iou,
         "wall_seconds": time.perf_counter() - started,
         "images_per_s": result.images_per_s,
@@ -331,7 +332,7 @@ def write_results(out: Path, rows: list[dict]) -> None:
 
 
 def _flat_row(row: dict) -> dict:
-    flat = {key: row.get(key) for key in ("run_id", "size", "seed", "miou", "wall_seconds", "images_per_s", "iterations")}
+    flat = {key: row.get(key) for key in ("run_id", "size", "seed", "method", "miou", "wall_seconds", "images_per_s", "iterations")}
     flat.update({f"iou_{name}": value for name, value in row["per_class_iou"].items()})
     return flat
 
@@ -352,44 +353,61 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| images | runs | mIoU mean | mIoU std |", "| ---: | ---: | ---: | ---: |"]
     for size, values in by_size(rows).items():
         std = statistics.stdev(values) if len(values) > 1 else 0.0
-        lines.append(f"| {size} | {len(values)} | {100 * statistics.mean(values):.2f} | {100 * std:.2f} |")
+        lines.append(f"| {size} | {len(values)} | {statistics.mean(values):.2f} | {std:.2f} |")
     if baseline(rows):
         values = baseline(rows)
         std = statistics.stdev(values) if len(values) > 1 else 0.0
-        lines.append(f"| baseline (source only) | {len(values)} | {100 * statistics.mean(values):.2f} | {100 * std:.2f} |")
+        lines.append(f"| baseline (source only) | {len(values)} | {statistics.mean(values):.2f} | {std:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """mIoU (%) against the subset size (log scale): mean and every seed's point, the min-max band when there
+    are several seeds, the source-only baseline; the title says method, iterations and seeds. The legend sits
+    below the axes, where no line can be."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = by_size(rows)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120, layout="constrained")
     if groups:
         sizes = list(groups)
-        means = [100 * statistics.mean(v) for v in groups.values()]
-        lows = [100 * min(v) for v in groups.values()]
-        highs = [100 * max(v) for v in groups.values()]
-        ax.fill_between(sizes, lows, highs, alpha=0.25, label="min–max over seeds")
-        ax.plot(sizes, means, marker="o", label="mean mIoU")
+        if max(len(v) for v in groups.values()) > 1:
+            lows, highs = [min(v) for v in groups.values()], [max(v) for v in groups.values()]
+            ax.fill_between(sizes, lows, highs, alpha=0.25, label="min–max over seeds")
+        ax.plot(sizes, [statistics.mean(v) for v in groups.values()], marker="o", label="mean mIoU" if len(seeds_of(rows)) > 1 else "mIoU")
         for size, values in groups.items():
-            ax.scatter([size] * len(values), [100 * v for v in values], s=10, color="black", alpha=0.6)
+            ax.scatter([size] * len(values), values, s=10, color="black", alpha=0.6)
         ax.set_xscale("log")
         ax.set_xticks(sizes, [str(size) for size in sizes])  # the studied sizes, not powers of ten
         ax.minorticks_off()
     if baseline(rows):
-        ax.axhline(100 * statistics.mean(baseline(rows)), linestyle="--", color="gray", label="source only")
+        ax.axhline(statistics.mean(baseline(rows)), linestyle="--", color="gray", label="source only (no generated images)")
     ax.set_xlabel("generated images used (log scale)")
     ax.set_ylabel("mIoU (%)")
-    ax.set_title("mIoU vs number of generated images")
+    ax.set_title(plot_title(rows), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
+    if ax.get_legend_handles_labels()[0]:
+        fig.legend(loc="outside lower center", ncols=3, fontsize=8, frameon=False)
     fig.savefig(path)
     plt.close(fig)
+
+
+def seeds_of(rows: list[dict]) -> list[int]:
+    return sorted({row["seed"] for row in rows if row["size"] is not None})
+
+
+def plot_title(rows: list[dict]) -> str:
+    """e.g. 'mIoU vs generated images: dacs, 4000 iterations, seeds 0, 1, 2'."""
+    studied = [row for row in rows if row["size"] is not None] or rows
+    methods = sorted({str(row.get("method", "?")) for row in studied})
+    iterations = sorted({int(row["iterations"]) for row in studied if row.get("iterations")})
+    budget = f"{iterations[0]} iterations" if len(iterations) == 1 else f"{'/'.join(map(str, iterations))} iterations (fixed epochs)"
+    seeds = seeds_of(rows)
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
+    return f"mIoU vs generated images: {', '.join(methods)}, {budget}, {seed_text}"
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -26,7 +26,7 @@ def test_parse_sizes_refuses_bad_specs(bad):
 
 def rows():
     made = []
-    for size, mious in ((10, [0.2, 0.3]), (40, [0.5, 0.6])):
+    for size, mious in ((10, [20.0, 30.0]), (40, [50.0, 60.0])):
         for seed, miou in enumerate(mious):
             made.append(
                 {
@@ -45,8 +45,8 @@ def rows():
             "run_id": "baseline-s0",
             "size": None,
             "seed": 0,
-            "miou": 0.1,
-            "per_class_iou": {"road": 0.1, "car": None},
+            "miou": 10.0,
+            "per_class_iou": {"road": 10.0, "car": None},
             "wall_seconds": 1.0,
             "images_per_s": 5.0,
             "iterations": 3,
@@ -73,6 +73,28 @@ def test_write_results_writes_four_files(tmp_path):
     assert pacsv.read_csv(tmp_path / "study.csv").num_rows == 5
     assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "mIoU mean" in (tmp_path / "study.md").read_text()
+
+
+def test_plot_title_states_method_iterations_and_seeds_and_one_seed_has_no_band(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from dreamshard.study import plot, plot_title
+
+    made = [{**row, "method": "dacs" if row["size"] else "source_only"} for row in rows()]
+    assert plot_title(made) == "mIoU vs generated images: dacs, 3 iterations, seeds 0, 1"
+    one_seed = [row for row in made if row["seed"] == 0]
+    assert plot_title(one_seed).endswith("dacs, 3 iterations, seed 0")
+    shown = []
+    original = matplotlib.figure.Figure.legend
+
+    def legend(figure, *args, **kwargs):  # the labels the figure's legend shows
+        shown.append(figure.axes[0].get_legend_handles_labels()[1])
+        return original(figure, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "legend", legend)
+    plot(one_seed, tmp_path / "one.png")
+    plot(made, tmp_path / "two.png")
+    assert "min–max over seeds" not in shown[0] and "mIoU" in shown[0] and "min–max over seeds" in shown[1]
 
 
 # ------------------------------------------------------------------------------ end to end (local Ray)
@@ -134,7 +156,7 @@ def test_study_runs_every_size_and_seed_once_and_resumes(tmp_path, toy, ray_clus
 
     table = pq.read_table(out / "study.parquet").to_pylist()
     assert sorted((r["size"], r["seed"]) for r in table if r["size"]) == [(s, k) for s in (4, 8, 16) for k in (0, 1)]
-    assert all(0 <= r["miou"] <= 1 for r in table)
+    assert all(0 <= r["miou"] <= 100 for r in table)
     assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
     assert "| 16 | 2 |" in (out / "study.md").read_text() and "baseline" in (out / "study.md").read_text()
     assert len((out / "study.csv").read_text().strip().splitlines()) == 1 + 8

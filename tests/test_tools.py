@@ -14,6 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dreamshard.cli import app
+from dreamshard.errors import UserError
 from dreamshard.format.reader import committed_shards, manifest_rows, read_manifest, read_shard
 from dreamshard.format.record import JSON_FIELDS
 from dreamshard.format.rundir import RunDir, write_dataset
@@ -68,10 +69,70 @@ def test_inspect_counts_classes_templates_and_style_axes(dataset):
 
 
 def test_preview_writes_a_captioned_grid(dataset, tmp_path):
-    grid = Image.open(preview_grid(dataset, count=9, output=tmp_path / "grid.png", tile=64))
-    assert grid.width == 3 * 64 and grid.height > 3 * 64  # 3x3 tiles plus caption rows
+    grid = Image.open(preview_grid(dataset, count=9, output=tmp_path / "grid.png", tile=64, label="none"))
+    assert grid.height > 3 * 43  # 3 rows of 64x43 panels (48x32 kept) plus caption lines
     result = CliRunner().invoke(app, ["preview", str(dataset), "-n", "4", "-o", str(tmp_path / "g2.png")])
     assert result.exit_code == 0 and (tmp_path / "g2.png").is_file()
+    assert result.stdout.strip() == f"wrote {tmp_path / 'g2.png'}"  # the result on stdout
+
+
+def wide_run(tmp_path):
+    """A 1024x512-like run (ZoDi's shape, scaled): 64x32 images, each half of one colour, labels 0 and 13."""
+    made = []
+    for i in range(4):
+        pixels = np.zeros((32, 64, 3), dtype=np.uint8)
+        pixels[:, :32] = (200, 30, 30)
+        pixels[:, 32:] = (30, 30, 200)
+        label = np.zeros((32, 64), dtype=np.uint8)
+        label[:, 32:] = 13  # car
+        meta = {"index": i, "prompt": f"street {i}", "class_name": CLASSES[i % 3], "class_id": i % 3, "seed": i}
+        made.append(ShardSample(meta, Image.fromarray(pixels), {"seg.png": Image.fromarray(label, mode="L")}))
+    write_dataset(tmp_path / "wide", made, samples_per_shard=2, image_format="png")
+    return tmp_path / "wide"
+
+
+def test_a_wide_preview_keeps_its_aspect_ratio_and_shows_the_label(tmp_path):
+    from dreamshard.datasets.labels import PALETTE
+
+    sheet = np.asarray(Image.open(preview_grid(wide_run(tmp_path), count=1, output=tmp_path / "g.png", tile=128)).convert("RGB")).astype(int)
+    image, label = sheet[:64, :128], sheet[:64, 132:260]  # a 128x64 panel (2:1 kept), a 4 px gap, the label panel
+    assert (abs(image[:, 4:60] - (200, 30, 30)).max(), abs(image[:, 68:124] - (30, 30, 200)).max()) == (0, 0)  # not squashed: halves at halves
+    assert (label[:, :60] == PALETTE[0]).all() and (label[:, 68:] == PALETTE[13]).all()  # road | car in the Cityscapes palette
+    overlay = np.asarray(Image.open(preview_grid(wide_run(tmp_path / "o"), count=1, output=tmp_path / "o.png", tile=128, label="overlay")))
+    assert overlay.shape[1] < sheet.shape[1] and abs(overlay[10, 10].astype(int) - (np.array((200, 30, 30)) + PALETTE[0]) // 2).max() <= 1
+
+
+def test_preview_picks_random_per_class_per_style_and_lowest_clip():
+    from dreamshard.tools.preview import pick_rows
+
+    rows = [{"index": i, "class_name": CLASSES[i % 3] if i < 20 else "car", "style": {"weather": "rainy" if i % 5 == 0 else "sunny"},
+             "clip_score": float((i * 7) % 30)} for i in range(30)]  # fmt: skip
+    assert [row["index"] for row in pick_rows(rows, "first", 4, 0, "run")] == [0, 1, 2, 3]
+    drawn = pick_rows(rows, "random", 5, 1, "run")
+    assert drawn == pick_rows(rows, "random", 5, 1, "run") and drawn != pick_rows(rows, "random", 5, 2, "run") and drawn != rows[:5]
+    assert sorted(row["class_name"] for row in pick_rows(rows, "class", 6, 0, "run")) == ["bus", "bus", "car", "car", "truck", "truck"]
+    assert {row["style"]["weather"] for row in pick_rows(rows, "style:weather", 2, 0, "run")} == {"rainy", "sunny"}
+    assert [row["clip_score"] for row in pick_rows(rows, "clip", 3, 0, "run")] == [0.0, 1.0, 2.0]
+    with pytest.raises(UserError, match="choose one of first, random, class, clip or style:AXIS"):
+        pick_rows(rows, "colour", 3, 0, "run")
+    with pytest.raises(UserError, match="no CLIP scores"):
+        pick_rows([{**row, "clip_score": None} for row in rows], "clip", 3, 0, "run")
+
+
+def test_inspect_plan_verify_answer_on_stdout_and_in_json(dataset, tmp_path):
+    runner = CliRunner()
+    table = runner.invoke(app, ["inspect", str(dataset)])
+    assert table.exit_code == 0 and "truck" in table.stdout and table.stderr == ""  # the data on stdout, nothing on stderr
+    info = json.loads(runner.invoke(app, ["inspect", str(dataset), "--json"]).stdout)
+    assert (info["samples"], info["shards"], info["planned_shards"], info["image_format"]) == (25, 3, 3, "png")
+    assert info["counts"]["class"] == {"car": 9, "bus": 8, "truck": 8} and info["quality"] is None
+    checked = runner.invoke(app, ["verify", str(dataset), "--json"])
+    assert checked.exit_code == 0 and json.loads(checked.stdout) == {"out": str(dataset), "ok": True, "problems": []}
+    (dataset / "index" / "000001.commit.json").unlink()
+    broken = runner.invoke(app, ["verify", str(dataset), "--json"])
+    report = json.loads(broken.stdout)
+    assert broken.exit_code == 1 and not report["ok"] and any("shard 1: not committed" in p for p in report["problems"])
+    assert "problem(s) found" in broken.stderr  # the error line stays on stderr
 
 
 @pytest.mark.parametrize("damage, expected", [

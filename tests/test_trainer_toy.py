@@ -38,10 +38,10 @@ def toy_config(toy: dict, out: Path, method: str, **extra) -> TrainConfig:
 def test_dacs_beats_source_only_on_the_toy_domain_shift(toy, tmp_path):
     source_only = train(toy_config(toy, tmp_path / "source_only", "source_only"))
     dacs = train(toy_config(toy, tmp_path / "dacs", "dacs"))
-    # Measured at 150 iterations (docs/benchmarks.md): seed 0 source_only 0.374 mIoU, dacs 0.637;
-    # seed 1: 0.402 and 0.683. Chance level on five classes is about 0.1.
-    assert source_only.mIoU > 0.30  # it learns, but the colour shift costs it buildings and cars
-    assert dacs.mIoU > source_only.mIoU + 0.15  # and adapting to the target clearly helps
+    # Measured at 150 iterations (docs/benchmarks.md, mIoU in percent as everywhere): seed 0 source_only
+    # about 37, dacs about 62. Chance level on five classes is about 10.
+    assert source_only.mIoU > 30  # it learns, but the colour shift costs it buildings and cars
+    assert dacs.mIoU > source_only.mIoU + 15  # and adapting to the target clearly helps
     for summary in (source_only, dacs):
         out = Path(summary.output)
         assert (out / "config.yaml").is_file() and (out / "summary.json").is_file()
@@ -122,7 +122,7 @@ def test_backbone_and_decoder_train_evaluate_and_keep_the_best(toy, tmp_path, ba
     summary = train(toy_config(toy, out, "dacs", max_iters=6, **small))  # resumed at 4: one more evaluation
     assert summary.resumed_from == 4 and first.best["iteration"] in (2, 4)
     mious = val_mious(out)
-    assert sorted(mious) == [2, 4, 6] and all(0 <= value <= 1 for value in mious.values())
+    assert sorted(mious) == [2, 4, 6] and all(0 <= value <= 100 for value in mious.values())
     best_iteration = max(mious, key=lambda it: (mious[it], -it))  # ties keep the earlier evaluation
     assert summary.best["iteration"] == best_iteration and summary.best["mIoU"] == pytest.approx(mious[best_iteration])
     assert summary.last == {**summary.last, "iteration": 6, "mIoU": summary.mIoU} and summary.mIoU == pytest.approx(mious[6])

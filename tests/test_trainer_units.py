@@ -27,8 +27,8 @@ def test_iou_from_torchmetrics_confmat_ignores_255_and_skips_absent_classes():
     assert iou[1].item() == pytest.approx(2 / 3)  # tp 2, fp 1, fn 0
     assert math.isnan(iou[2].item())  # absent from prediction and ground truth (after ignoring)
     summary = summarize(confmat, ["a", "b", "c"])
-    assert summary["mIoU"] == pytest.approx((1 / 2 + 2 / 3) / 2)  # not divided by 3
-    assert summary["aAcc"] == pytest.approx(3 / 4)
+    assert summary["mIoU"] == pytest.approx(100 * (1 / 2 + 2 / 3) / 2)  # percent; not divided by 3
+    assert summary["aAcc"] == pytest.approx(75.0)
     assert summary["per_class"]["c"]["iou"] is None
 
 
@@ -41,7 +41,7 @@ def test_miou16_averages_the_synthia_classes_only():
         confmat[c, 0] = 10
     summary = summarize(confmat, [f"c{i}" for i in range(19)])
     iou = per_class_iou(confmat)
-    assert summary["mIoU16"] == pytest.approx(iou[list(SYNTHIA16)].mean().item())
+    assert summary["mIoU16"] == pytest.approx(100 * iou[list(SYNTHIA16)].mean().item())
     assert summary["mIoU"] < summary["mIoU16"]
 
 

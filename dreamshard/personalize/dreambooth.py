@@ -42,7 +42,7 @@ from dreamshard.format.layout import LEASE, PARTIAL
 from dreamshard.format.lease import lease_for
 from dreamshard.format.store import Store, atomic_path, atomic_write, numbered_dirs
 from dreamshard.identity import describe, settings_changes
-from dreamshard.logs import StageProgress, console
+from dreamshard.logs import StageProgress, results
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _personalize(config: PersonalizeConfig, out: Path, accelerator, instance_ima
     if main:
         write_final(dreambooth.pipe, train.method, out, info | {"step": train.max_steps})
         evaluate(train.max_steps)
-        console.print(f"personalised model written to {out}", markup=False)
+        results.print(f"personalised model written to {out}", markup=False, highlight=False, soft_wrap=True)
     accelerator.end_training()
     return out
 

@@ -118,6 +118,38 @@ def read_stats(store: Store) -> list[dict]:
     return records
 
 
+def inspect_json(info: DatasetInfo) -> dict:
+    """`inspect --json`: the same facts as the tables, with the keys docs/cli.md lists (stable)."""
+    quality = info.quality
+    return {
+        "out": info.out,
+        "samples": info.samples,
+        "planned_samples": info.planned_samples,
+        "shards": info.shards,
+        "planned_shards": info.planned_shards,
+        "bytes": info.bytes,
+        "image_format": info.image_format,
+        "model": info.model,
+        "counts": {name: dict(sorted(counter.items(), key=lambda item: (-item[1], item[0]))) for name, counter in info.counts.items()},
+        "runs": info.runs,
+        "quality": None if quality is None else quality_json(quality),
+    }
+
+
+def quality_json(quality: QualitySummary) -> dict:
+    scores = sorted(quality.clip_scores)
+    return {
+        "draws": quality.draws,
+        "rejected": dict(quality.rejected),
+        "dropped": quality.dropped,
+        "exhausted": quality.exhausted,
+        "nsfw": {"flagged": quality.nsfw[True], "checked": quality.nsfw[True] + quality.nsfw[False]},
+        "clip_score": {"scored": len(scores), "min": scores[0], "median": scores[len(scores) // 2], "max": scores[-1]} if scores else None,
+        "clip_score_histogram": [{"from": low, "to": high, "samples": count} for low, high, count in quality.histogram()],
+        "attempts": {str(attempts): count for attempts, count in sorted(quality.attempts.items())},
+    }
+
+
 def inspect_tables(info: DatasetInfo) -> list[Table]:
     """Rich tables: the overview, then one table of counts per class / template / style axis."""
     overview = Table(title=f"dataset {info.out}", show_header=False)

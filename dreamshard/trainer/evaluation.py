@@ -88,7 +88,8 @@ def evaluate_and_save(config: TrainConfig, model: Segmenter, rt: Runtime, out: P
 
 
 def evaluate_checkpoint(config: TrainConfig, checkpoint: Path) -> dict:
-    """`dreamshard eval`: load a checkpoint's student weights and evaluate on `data.val`."""
+    """`dreamshard eval`: load a checkpoint's student weights and evaluate on `data.val`; the metrics on rank 0,
+    {} on the other ranks."""
     if config.data.val is None:
         raise UserError("eval needs data.val (a labelled evaluation set) in the config")
     created_group = init_distributed()
@@ -99,9 +100,7 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint: Path) -> dict:
         fix = "evaluate with the config the checkpoint was trained with (its config.yaml)"
         load_weights(model, read_weights(weights, config.model.num_classes), weights, fix)
         summary = evaluate(config, model, rt)
-        if rt.main:
-            console.print(format_table(summary), highlight=False, markup=False)
-        return summary
+        return summary if rt.main else {}  # rank 0 answers (the metrics are summed over every rank)
     finally:
         if created_group:
             dist.destroy_process_group()

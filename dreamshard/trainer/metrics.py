@@ -4,6 +4,9 @@ The confusion matrix is torchmetrics' `MulticlassConfusionMatrix` (pixels with l
 across DDP ranks). IoU per class is TP / (TP + FP + FN); a class absent from both prediction and ground
 truth has no IoU (NaN) and is left out of the means, as mmseg's `nanmean` does. (torchmetrics'
 `average="none"` would report 0 for it and pull the mean down.)
+
+Every rate is in percent (0-100), as the papers' tables are: mIoU 48.22, not 0.4822 — in the summaries, the
+eval JSON, metrics.jsonl, TensorBoard, the checkpoints' state and the study's tables alike.
 """
 
 from __future__ import annotations
@@ -32,16 +35,16 @@ def per_class_iou(confmat: torch.Tensor) -> torch.Tensor:
 
 def summarize(confmat: torch.Tensor, class_names: Sequence[str]) -> dict:
     """mIoU over all classes (and over the SYNTHIA 16/13 subsets for the 19 Cityscapes classes), pixel accuracy,
-    per-class IoU and accuracy as plain floats (NaN → None, so the dict is valid JSON)."""
-    iou = per_class_iou(confmat)
+    per-class IoU and accuracy as plain floats in percent (NaN → None, so the dict is valid JSON)."""
+    iou = 100 * per_class_iou(confmat)
     confmat = confmat.double()
     gt_pixels = confmat.sum(1)
-    acc = torch.where(gt_pixels > 0, confmat.diagonal() / gt_pixels.clamp(min=1), torch.full_like(gt_pixels, float("nan")))
+    acc = torch.where(gt_pixels > 0, 100 * confmat.diagonal() / gt_pixels.clamp(min=1), torch.full_like(gt_pixels, float("nan")))
     total = confmat.sum()
     summary: dict[str, Any] = {
         "mIoU": _nanmean(iou),
         "mAcc": _nanmean(acc),
-        "aAcc": float(confmat.diagonal().sum() / total) if total > 0 else None,
+        "aAcc": float(100 * confmat.diagonal().sum() / total) if total > 0 else None,
         "pixels": int(total),
     }
     if len(class_names) == NUM_CLASSES:
@@ -74,4 +77,4 @@ def _value(x: float) -> float | None:
 
 
 def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.2f}"
+    return "n/a" if x is None else f"{x:.2f}"
