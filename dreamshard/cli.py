@@ -286,6 +286,37 @@ def preview(
     say(f"wrote {preview_grid(out, count, output, pick=pick, seed=seed, label=label, tile=tile)}")
 
 
+@app.command("push")
+@user_errors(kept="a re-run of the same command resumes the upload (files already on the Hub are skipped)")
+def push(
+    source: str = typer.Argument(..., help="A run directory (`generate`) or a personalised output (`personalize`), on this machine."),
+    repo: str = typer.Argument(..., help="Hub repository id (org/name), or a local folder (./dir, /abs/dir) to receive a copy of the same files."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Write and check the card, list what would be uploaded; no network."),
+    private: bool = typer.Option(False, "--private", help="Create the Hub repository private."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (default: main)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Publish a run as a Hub dataset (card README.md with `configs: data_files: shards/*.tar`, so
+    `load_dataset("org/name")` and the viewer work; committed shards only), or a personalised output as a Hub
+    model with its model card. Token: `hf auth login` or HF_TOKEN. Details: docs/cli.md."""
+    from dataclasses import asdict
+
+    from dreamshard.tools.push import push as run_push
+
+    report = run_push(source, repo, dry_run=dry_run, private=private, revision=revision)
+    if as_json:
+        print_json(asdict(report))
+        return
+    verb = "would upload" if dry_run else ("copied" if not report.url.startswith("http") else "pushed")
+    missing = "" if report.complete else " (the run is not complete: committed shards only; push again when it is)"
+    say(f"{report.source} → {report.target}: {verb} {len(report.files)} files, {report.bytes / 2**20:.1f} MiB{missing}")
+    if dry_run:
+        for name in report.files:
+            say(f"  {name}")
+    elif report.url:
+        say(report.url)
+
+
 @app.command("personalize")
 @user_errors(kept="its checkpoints are kept (every output.checkpoint_every steps): a re-run of the same command resumes from the newest")
 def personalize(

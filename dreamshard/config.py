@@ -200,6 +200,9 @@ class OutputConfig(Strict):
     samples_per_shard: int | Literal["auto"] = "auto"
     image_format: Literal["jpg", "png", "webp"] = "jpg"  # one image field for the whole dataset
     quality: int = Field(95, ge=1, le=100)  # jpg / webp
+    # The dataset card's licence (README.md, `dreamshard push`): a Hub licence id such as creativeml-openrail-m
+    # (SD 1.5's images), openrail++ (SDXL's), cc-by-4.0; "other" when unsure. Not part of the run's identity.
+    license: str = "other"
 
     @field_validator("samples_per_shard")
     @classmethod
@@ -325,6 +328,8 @@ class PersonalizeTrainConfig(Strict):
 class PersonalizeOutputConfig(Strict):
     path: str = "runs/personalize"
     checkpoint_every: int = Field(200, gt=0)  # also the resume points
+    # The model card's licence (OUT/README.md): the base model's, e.g. creativeml-openrail-m for SD 1.5.
+    license: str = "other"
 
 
 class PersonalizeConfig(Strict):

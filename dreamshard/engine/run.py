@@ -102,7 +102,8 @@ def generate(
             state = remake_damaged(rundir, state, identity, counts, config.output.shard_size)
         if state.action == "refuse":
             raise UserError(f"{rundir.url}: {state.reason}; {state.fix}")
-        rundir.prepare(state, counts, run_record(config, plan, counts, identity, model_info, state.record))
+        record = run_record(config, plan, counts, identity, model_info, state.record)
+        rundir.prepare(state, counts, record)
         todo = [shard for shard in range(len(counts)) if shard not in state.done]
         report = None
         if todo:
@@ -117,7 +118,7 @@ def generate(
         summary = summarize(config, counts, committed, state, report, started)
         if summary.ok:
             try:
-                rundir.consolidate(counts)
+                rundir.consolidate(counts, record)
             except UnreadableIndex as exc:
                 raise RunFailure(f"{rundir.url}: {exc}; shard {exc.shard} was un-committed, re-run the same command to regenerate it") from None
     return summary

@@ -8,6 +8,7 @@ index/000000.commit.json        shard 0's commit marker, written LAST
 index/markers.json              a cache of the markers (one read instead of one per marker); never required
 index/run-record.json           a copy of dreamshard.json (dreamshard repair restores a damaged one from it)
 manifest.parquet                all index/*.parquet rows, written when the run completes
+README.md                       the dataset card (format/card.py), written when the run completes and by `push`
 stats.jsonl                     one record per generate call (run facts, not part of the dataset)
 .lease                          while a command writes the run: who holds it (format/lease.py)
 """

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dreamshard.errors import UserError
+from dreamshard.format.card import CARD, dataset_card
 from dreamshard.format.layout import (
     FORMAT_VERSION,
     LAYOUT,
@@ -34,7 +35,7 @@ from dreamshard.format.layout import (
     shard_tar,
 )
 from dreamshard.format.reader import SNAPSHOT_VERSION, BadRunRecord, checked_run_record, committed_shards, read_run_record, record_problems, snapshot_digest
-from dreamshard.format.record import PARQUET_SCHEMA
+from dreamshard.format.record import PARQUET_SCHEMA, table_to_records
 from dreamshard.format.shards import ShardSample, write_shard
 from dreamshard.format.store import Store
 from dreamshard.identity import Identity
@@ -243,8 +244,9 @@ class RunDir:
         except OSError as exc:  # the statistics must never fail a run that produced its shards
             log.warning("could not write %s/%s (%s)", self.url, STATS, exc)
 
-    def consolidate(self, counts: list[int]) -> pa.Table:
-        """Write `manifest.parquet` (all per-shard rows, in index order) and `shards/sizes.json`. The index
+    def consolidate(self, counts: list[int], record: dict | None = None) -> pa.Table:
+        """Write `manifest.parquet` (all per-shard rows, in index order), `shards/sizes.json` and, given the run
+        record, the dataset card (README.md, format/card.py: what makes `load_dataset(RUN)` work). The index
         files are fetched in one batched read (concurrent on object stores). An unreadable one un-commits its
         shard (a re-run regenerates it) and raises UnreadableIndex."""
         store = self.store
@@ -265,7 +267,13 @@ class RunDir:
             pq.write_table(table, local)
             store.put_file(local, MANIFEST)
         store.write_json(SIZES, {Path(shard_tar(shard)).name: count for shard, count in enumerate(counts)})
+        if record is not None:
+            self.write_card(record, table_to_records(table))
         return table
+
+    def write_card(self, record: dict, rows: list[dict]) -> None:
+        """README.md: the dataset card of the samples in `rows` (format/card.py)."""
+        self.store.write_bytes(CARD, dataset_card(record, rows).encode())
 
 
 def write_dataset(
@@ -284,10 +292,11 @@ def write_dataset(
     for shard in range(len(counts)):
         write_shard(store, shard, samples[shard * samples_per_shard : (shard + 1) * samples_per_shard], image_format, quality)
     rundir = RunDir(store)
-    rundir.consolidate(counts)
-    rundir.write_record({
+    full_record = {
         "format_version": FORMAT_VERSION, "num_samples": len(samples), "samples_per_shard": samples_per_shard,
         "num_shards": len(counts), "image_format": image_format, "layout": LAYOUT, "fingerprints": {}, "model": {},
         **(record or {}),
-    })  # fmt: skip
+    }  # fmt: skip
+    rundir.consolidate(counts, full_record)
+    rundir.write_record(full_record)
     return store
