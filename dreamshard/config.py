@@ -467,11 +467,11 @@ class TrainModelConfig(Strict):
     backbone: str = "resnet101"
     pretrained: str | None = None  # weights file / directory / hub id, or "none"; unset is an error at train time
     local_files_only: bool = True  # mit_* hub ids: read the Hugging Face cache only, never the network
-    decoder: Literal["daformer", "segformer", "deeplabv2"] = "daformer"
-    # ASPP rates; None: the decoder's own (daformer 1/6/12/18, deeplabv2 6/12/18/24). DAFormer's and DATUM's
+    decoder: Literal["daformer", "segformer", "deeplabv2", "deeplabv3plus"] = "daformer"
+    # ASPP rates; None: the decoder's own (daformer 1/6/12/18, deeplabv2 6/12/18/24, deeplabv3plus 6/12/18). DAFormer's and DATUM's
     # DeepLabV2 ("dlv2red") keeps only [6, 12], as earlier UDA work did.
     dilations: list[int] | None = None
-    embed_dim: int = Field(256, ge=8)  # daformer / segformer channels (deeplabv2 classifies the last stage directly)
+    embed_dim: int = Field(256, ge=8)  # daformer / segformer / deeplabv3plus channels (deeplabv2 classifies the last stage directly)
     dropout: float = Field(0.1, ge=0, lt=1)
     num_classes: int = Field(19, ge=2, le=255)
     class_names: list[str] = []  # empty: the 19 Cityscapes classes, or class0..N-1
@@ -489,7 +489,7 @@ class TrainModelConfig(Strict):
     def _dilations_fit(self) -> TrainModelConfig:
         if self.dilations is not None:
             if self.decoder == "segformer":
-                raise ValueError("dilations apply to the daformer and deeplabv2 decoders only (segformer fuses with a 1x1 conv)")
+                raise ValueError("dilations apply to the daformer, deeplabv2 and deeplabv3plus decoders only (segformer fuses with a 1x1 conv)")
             if not self.dilations or min(self.dilations) < 1:
                 raise ValueError("dilations must be a non-empty list of rates >= 1, e.g. [6, 12, 18, 24]")
         return self
@@ -542,9 +542,23 @@ class UDAConfig(Strict):
     mic: MICConfig = MICConfig()
 
 
-class OptimConfig(Strict):
-    """AdamW + linear warmup + poly decay, by iteration (DAFormer)."""
+class ZoDiConfig(Strict):
+    """ZoDi's model adaptation (azuma164/ZoDi model_adaptation/): supervised on each real source image and its
+    transferred twin (data.paired), plus a similarity loss between their features. Defaults are ZoDi's."""
 
+    sim_weight: float = Field(0.1, ge=0)  # the similarity loss's weight (ZoDi's --sim_weight)
+    # The compared features: `backbone` (its last level, ZoDi's layer4) or `decoder` (the head's map before
+    # the classifier); `pool`: global-average-pooled to one vector per image first (ZoDi) or per pixel.
+    features: Literal["backbone", "decoder"] = "backbone"
+    pool: bool = True
+    normalize: bool = True  # L2-normalise over channels (a cosine similarity), as ZoDi
+
+
+class OptimConfig(Strict):
+    """AdamW (DAFormer) or SGD with momentum (DeepLab, ZoDi) + linear warmup + poly decay, by iteration."""
+
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
     lr: float = Field(6e-5, gt=0)
     head_lr_mult: float = 10.0
     weight_decay: float = 0.01
@@ -569,7 +583,7 @@ class TrainOutputConfig(Strict):
 
 
 class TrainConfig(Strict):
-    method: Literal["dacs", "source_only", "supervised_synthetic"] = "dacs"
+    method: Literal["dacs", "source_only", "supervised_synthetic", "zodi"] = "dacs"
     output: TrainOutputConfig = TrainOutputConfig()
     seed: int = 0
     max_iters: int = Field(40000, ge=1)
@@ -588,6 +602,7 @@ class TrainConfig(Strict):
     data: TrainDataConfig = TrainDataConfig()
     model: TrainModelConfig = TrainModelConfig()
     uda: UDAConfig = UDAConfig()
+    zodi: ZoDiConfig = ZoDiConfig()
     optim: OptimConfig = OptimConfig()
     eval: EvalConfig = EvalConfig()
 
@@ -598,6 +613,14 @@ class TrainConfig(Strict):
             raise ValueError("method dacs needs data.source (labelled) and data.target (pseudo-target)")
         if self.method == "source_only" and data.source is None:
             raise ValueError("method source_only needs data.source")
+        if self.method == "zodi" and not data.paired:
+            raise ValueError(
+                "method zodi trains on pairs (a real source image and its transfer): set data.paired: true with data.source.folder and data.target.shards"
+            )
+        if self.method == "zodi" and (self.model.decoder == "deeplabv2" and self.zodi.features == "decoder" or self.model.hrda.enabled):
+            raise ValueError(
+                "method zodi: zodi.features decoder needs model.decoder deeplabv3plus, daformer or segformer (deeplabv2 has no feature map), and no model.hrda"
+            )
         if self.method == "supervised_synthetic" and data.target is None:
             raise ValueError("method supervised_synthetic needs data.target (shards carrying seg.png)")
         if data.paired and not (data.source is not None and data.source.folder is not None and data.target is not None and data.target.shards is not None):

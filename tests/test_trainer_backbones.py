@@ -82,6 +82,42 @@ def test_deeplabv2_sums_dilated_convs_on_a_dilated_last_stage():
     assert len(reduced.decode_head.branches) == 2 and reduced(images).shape == (2, 5, 2, 2)
 
 
+def test_deeplabv3plus_fuses_aspp_with_the_stride_4_level_and_exposes_its_embedding():
+    model = Segmenter(TrainModelConfig(backbone="test_resnet", pretrained="none", decoder="deeplabv3plus", embed_dim=16, num_classes=5)).eval()
+    images = torch.rand(2, 3, 64, 64)
+    logits, features = model(images, with_features=True)
+    assert [f.shape[-1] for f in features] == [16, 8, 4, 2]  # undilated: output stride 32, as ZoDi's ResNet
+    assert logits.shape == (2, 5, 16, 16)  # at the stride-4 level
+    head = model.decode_head
+    assert [branch[0].dilation for branch in head.aspp] == [(1, 1), (6, 6), (12, 12), (18, 18)] and head.low_level[0].out_channels == 48
+    same, embedding = model(images, with_embedding=True)
+    assert torch.allclose(same, logits) and embedding.shape == (2, 16, 16, 16)
+    assert torch.allclose(head.classifier(embedding), logits, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2(tmp_path_factory):
+    from dreamshard.engine.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "dinov2", "tiny-dinov2")
+
+
+def test_dinov2_from_the_tiny_preset_gives_a_pyramid_of_four_levels(tiny_dinov2):
+    from transformers import Dinov2Model
+
+    model = Segmenter(TrainModelConfig(backbone="dinov2", pretrained=str(tiny_dinov2), decoder="daformer", embed_dim=16, num_classes=5)).eval()
+    reference = Dinov2Model.from_pretrained(tiny_dinov2)
+    assert all(torch.equal(a, b) for a, b in zip(model.backbone.encoder.state_dict().values(), reference.state_dict().values()))  # the files' weights
+    logits, features = model(torch.rand(2, 3, 60, 90), with_features=True)  # resized up to 64x96, multiples of the patch (8)
+    assert [tuple(f.shape[1:]) for f in features] == [(16, 32, 48), (32, 16, 24), (64, 8, 12), (64, 4, 6)]  # strides 2/4/8/16 patches of 8
+    assert model.backbone.layers == [1, 2, 3, 4] and logits.shape == (2, 5, 32, 48)
+    with pytest.raises(UserError, match="width 64, not dinov2_small"):
+        Segmenter(TrainModelConfig(backbone="dinov2_small", pretrained=str(tiny_dinov2), num_classes=5))
+    require_weights(TrainModelConfig(backbone="dinov2_large", pretrained=str(tiny_dinov2)))  # a directory: fine
+    with pytest.raises(UserError, match="not in the Hugging Face cache"):
+        require_weights(TrainModelConfig(backbone="dinov2_large", pretrained="facebook/dinov2-large"))
+
+
 def test_mit_weights_from_a_safetensors_file_a_directory_or_the_hf_cache(released_mit_b0, tmp_path, monkeypatch):
     from huggingface_hub import constants
 

@@ -263,3 +263,43 @@ def test_torchvision_jitter_multiplies_brightness():
 
     grey = torch.full((3, 2, 2), 0.5)
     assert torch.allclose(torchvision_jitter(grey, (1.1, 1.0, 1.0, 0.0), [0, 1, 2, 3]), torch.full_like(grey, 0.55))
+
+
+def test_zodi_loss_is_ce_on_both_plus_the_pooled_cosine_of_real_and_twin():
+    from dreamshard.config import ZoDiConfig
+    from dreamshard.trainer.methods import ZoDi
+
+    torch.manual_seed(0)
+    model = Segmenter(TrainModelConfig(backbone="test_resnet", pretrained="none", decoder="deeplabv3plus", embed_dim=16, num_classes=4))
+    real, labels = torch.rand(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
+    twin = torch.rand(2, 3, 32, 32)
+    method = ZoDi(model, ZoDiConfig())
+    grads = Gradients(model)
+    torch.manual_seed(1)  # the head's dropout draws the same masks in both forwards
+    logs = method.step({"source_image": real, "source_label": labels, "target_image": twin, "target_label": labels}, grads)
+    assert grads.passes == 1 and all(p.grad is not None for p in model.parameters())
+    with torch.no_grad():  # by hand: CE over both halves, then ZoDi's pooled, normalised layer4 similarity
+        torch.manual_seed(1)
+        logits, levels = model(torch.cat([real, twin]), with_features=True)
+        ce = weighted_ce(logits, torch.cat([labels, labels]))
+        q, z = (torch.nn.functional.normalize(half.mean(dim=(2, 3)), dim=1) for half in levels[-1].chunk(2))
+    # BatchNorm in train mode normalises with the batch's statistics: the same batch, the same values
+    assert logs["loss_ce"] == pytest.approx(ce.item(), rel=1e-5) and logs["loss_sim"] == pytest.approx(-(q * z).sum(1).mean().item(), rel=1e-5)
+    model.eval()  # no dropout: an image and its copy give the same decoder features
+    same = ZoDi(model, ZoDiConfig(features="decoder", pool=False)).step({"source_image": real, "source_label": labels, "target_image": real}, Gradients(model))
+    assert same["loss_sim"] == pytest.approx(-1.0, abs=1e-5)  # an image and itself: every pixel's cosine is 1
+
+
+def test_sgd_is_the_optimiser_when_asked(tmp_path):
+    from dreamshard.config import TrainConfig
+    from dreamshard.trainer.loop import build_state
+    from dreamshard.trainer.runtime import runtime
+
+    config = TrainConfig.model_validate(
+        {"method": "source_only", "output": {"path": str(tmp_path)}, "data": {"source": {"folder": {"root": str(tmp_path)}}},
+         "model": {"backbone": "test_resnet", "pretrained": "none", "decoder": "deeplabv3plus", "num_classes": 4},
+         "optim": {"optimizer": "sgd", "momentum": 0.9, "lr": 1e-3, "head_lr_mult": 1, "weight_decay": 1e-4}}
+    )  # fmt: skip
+    state, _ = build_state(config, runtime(config), tmp_path)
+    assert isinstance(state.optimizer, torch.optim.SGD) and {g["momentum"] for g in state.optimizer.param_groups} == {0.9}
+    assert {g["initial_lr"] for g in state.optimizer.param_groups} == {1e-3} and {g["weight_decay"] for g in state.optimizer.param_groups} == {1e-4, 0.0}

@@ -13,6 +13,9 @@ Presets:
 - `tiny-depth`: a `StableDiffusionDepth2ImgPipeline` with SD-2-depth's layout (a UNet taking 5 input channels:
   4 latent + 1 depth) and its own tiny DPT depth estimator and image processor (mode depth2img).
 - `tiny-clip`: a `CLIPModel` + `CLIPProcessor` directory (quality.clip_model in tests).
+- `tiny-dinov2`: a `Dinov2Model` directory (4 blocks, 64 wide, patch 8 so toy crops get a useful grid; the
+  real ones use 14), the trainer's `model.backbone: dinov2` with `model.pretrained` pointing here.
+- `tiny-sam`: a `SamModel` + `SamProcessor` directory at 64x64 input, for `uda.sam.model` (CLOUDS' refinement).
 
 The tokenizer is a real `CLIPTokenizer` whose vocabulary is built here: every byte-level character plus
 whole-word tokens (with the merges that form them) for a built-in word list, so common prompt words are
@@ -29,7 +32,7 @@ import torch
 
 from dreamshard.format.store import atomic_path
 
-PRESETS = ("tiny", "sd15", "tiny-sdxl", "sdxl", "tiny-controlnet", "tiny-depth", "tiny-clip")
+PRESETS = ("tiny", "sd15", "tiny-sdxl", "sdxl", "tiny-controlnet", "tiny-depth", "tiny-clip", "tiny-dinov2", "tiny-sam")
 
 # Words that get a single token: prompt vocabulary of the published recipes (classes, styles, templates).
 _WORDS = """a an the of in on at with and or photo picture image scene view street city urban road
@@ -61,6 +64,10 @@ def build_tiny_model(out: str | Path, preset: str = "tiny", seed: int = 0) -> Pa
                 _tiny_depth_pipeline(tokenizer_dir).save_pretrained(tmp, safe_serialization=True)
         elif preset == "tiny-clip":
             _tiny_clip(tmp)
+        elif preset == "tiny-dinov2":
+            _tiny_dinov2(tmp)
+        elif preset == "tiny-sam":
+            _tiny_sam(tmp)
         elif preset in ("tiny-sdxl", "sdxl"):
             _sdxl_pipeline(preset, tmp)
         else:
@@ -114,6 +121,30 @@ def _tiny_clip(out: Path) -> None:
         processor = CLIPProcessor(image_processor=images, tokenizer=build_tokenizer(tokenizer_dir))
         processor.save_pretrained(out)
     model.save_pretrained(out, safe_serialization=True)
+
+
+def _tiny_dinov2(out: Path) -> None:
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, patch_size=8, image_size=64)
+    Dinov2Model(config).save_pretrained(out, safe_serialization=True)
+
+
+def _tiny_sam(out: Path) -> None:
+    """SAM's three parts at toy width: a 2-block ViT image encoder on 64x64 inputs (patch 8: an 8x8 embedding
+    grid), the prompt encoder and the two-way mask decoder; with the processor that resizes to 64."""
+    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
+
+    vision = dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=8,
+                  global_attn_indexes=[1], window_size=4, mlp_dim=64, num_pos_feats=16)  # fmt: skip
+    config = SamConfig(
+        vision_config=vision,
+        prompt_encoder_config=dict(hidden_size=32, image_size=64, patch_size=8, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64, iou_head_hidden_dim=32),
+    )
+    SamModel(config).save_pretrained(out, safe_serialization=True)
+    processor = SamProcessor(SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64}, mask_size={"longest_edge": 16}))
+    processor.save_pretrained(out)
 
 
 # ----------------------------------------------------------------------------------------- components

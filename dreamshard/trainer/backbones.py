@@ -5,6 +5,12 @@
   4/8/16/32. The ImageNet weights the SegFormer authors released are on the Hugging Face hub as
   `nvidia/mit-b0` … `nvidia/mit-b5`; DAFormer and DATUM load the same encoder from `pretrained/mit_b5.pth`
   (the original release's key names, which this loader does not translate: use the hub's version).
+- `dinov2`, `dinov2_small` … `dinov2_giant`: DINOv2 (Oquab et al., 2023), `transformers`' Dinov2Model, the
+  foundation backbone of VFM-UDA. Four of its blocks (evenly spaced, the last included) are layer-normed,
+  their patch tokens reshaped to maps at stride 14 and turned into a simple feature pyramid (ViTDet: two
+  transposed convs, one, none, a max-pool) at strides 3.5/7/14/28; the input is resized to a multiple of 14
+  first. Weights: a model directory or a hub id (facebook/dinov2-small … -giant) in the Hugging Face cache;
+  `dinov2` alone takes its size from the weights (the `tiny-dinov2` preset), the sized names check it.
 - any timm model with `features_only`: its last four levels (strides 4..32 for resnets, convnexts, PVTv2).
   Under the `deeplabv2` decoder it runs dilated at output stride 8, as DeepLabV2's ResNet does (DAFormer's
   `deeplabv2_r50-d8.py`: strides 1/2/1/1, dilations 1/1/2/4), so its levels are at strides 4/8/8/8.
@@ -44,12 +50,14 @@ MIT_HEADS = (1, 2, 5, 8)
 MIT_SR_RATIOS = (8, 4, 2, 1)
 MIT_DROP_PATH = 0.1  # stochastic depth rate of DAFormer's mit_b* (and transformers' default)
 DEEPLAB_OUTPUT_STRIDE = 8
+# DINOv2 sizes (transformers' facebook/dinov2-* configs): hidden size, layers, heads.
+DINOV2_SIZES = {"dinov2_small": (384, 12, 6), "dinov2_base": (768, 12, 12), "dinov2_large": (1024, 24, 16), "dinov2_giant": (1536, 40, 24)}
 
 
 def missing_weights_message(model: TrainModelConfig) -> str:
     kinds = (
         f"a .safetensors file, a model directory or a hub id in the Hugging Face cache such as {hub_id(model.backbone)}"
-        if is_mit(model.backbone)
+        if from_transformers(model.backbone)
         else "a local .safetensors/.pth file"
     )
     return (
@@ -66,14 +74,18 @@ def require_weights(model: TrainModelConfig) -> None:
         raise UserError(missing_weights_message(model))
     if model.random_init or Path(weights).expanduser().exists():
         return
-    if is_mit(model.backbone) and _is_hub_id(weights):
+    if from_transformers(model.backbone) and _is_hub_id(weights):
         if model.local_files_only and not _in_hf_cache(weights):
             raise UserError(
                 f"model.pretrained {weights} is not in the Hugging Face cache and model.local_files_only is true: download it first "
                 f"(`hf download {weights}` where there is internet, then copy the cache; docs/reproduce.md) or give a local .safetensors file"
             )
         return
-    kind = "a local .safetensors file, a model directory or a hub id in the Hugging Face cache" if is_mit(model.backbone) else "a local .safetensors/.pth file"
+    kind = (
+        "a local .safetensors file, a model directory or a hub id in the Hugging Face cache"
+        if from_transformers(model.backbone)
+        else "a local .safetensors/.pth file"
+    )
     raise UserError(f"model.pretrained {weights}: file not found; give {kind}, or `none` for a random initialisation")
 
 
@@ -81,7 +93,18 @@ def is_mit(name: str) -> bool:
     return name in MIT_SIZES
 
 
+def is_dinov2(name: str) -> bool:
+    return name == "dinov2" or name in DINOV2_SIZES
+
+
+def from_transformers(name: str) -> bool:
+    """Backbones whose weights load like a transformers model (a directory or a hub id in the cache)."""
+    return is_mit(name) or is_dinov2(name)
+
+
 def hub_id(name: str) -> str:
+    if is_dinov2(name):
+        return "facebook/" + name.replace("_", "-") if name != "dinov2" else "facebook/dinov2-large"
     return "nvidia/" + name.replace("_", "-")
 
 
@@ -94,6 +117,9 @@ def build_backbone(model: TrainModelConfig, load_weights: bool = True) -> tuple[
     if is_mit(model.backbone):
         backbone = build_mit(model.backbone, weights, model.local_files_only)
         return backbone, backbone.channels
+    if is_dinov2(model.backbone):
+        dino = build_dinov2(model.backbone, weights, model.local_files_only)
+        return dino, dino.channels
     output_stride = DEEPLAB_OUTPUT_STRIDE if model.decoder == "deeplabv2" else None
     backbone = build_timm(model.backbone, weights, output_stride)
     return backbone, backbone.feature_info.channels()
@@ -107,7 +133,10 @@ def build_timm(name: str, weights: str | None, output_stride: int | None = None)
     import timm
 
     if not timm.is_model(name):
-        raise UserError(f"model.backbone {name!r} is neither a MiT encoder ({', '.join(MIT_SIZES)}) nor a timm model; e.g. mit_b5, resnet101, convnext_tiny")
+        raise UserError(
+            f"model.backbone {name!r} is neither a MiT encoder ({', '.join(MIT_SIZES)}), DINOv2 (dinov2, {', '.join(DINOV2_SIZES)}) nor a timm model; "
+            "e.g. mit_b5, dinov2_large, resnet101, convnext_tiny"
+        )
     kwargs: dict = {} if output_stride is None else {"output_stride": output_stride}
     if weights:
         if not Path(weights).expanduser().is_file():
@@ -198,6 +227,63 @@ def load_mit(name: str, config, weights: str, local_files_only: bool) -> nn.Modu
             unexpected[0],
         )
     return encoder
+
+
+# ---------------------------------------------------------------------------------------------- DINOv2
+
+
+class DINOv2(nn.Module):
+    """A DINOv2 ViT as four feature levels: blocks L/4, L/2, 3L/4 and L (layer-normed patch tokens, stride 14)
+    through a simple feature pyramid (x4 and x2 transposed convs with C/4 and C/2 channels, identity, max-pool)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        config = encoder.config
+        width, depth, self.patch = config.hidden_size, config.num_hidden_layers, config.patch_size
+        self.layers = sorted({max(1, round(depth * k / 4)) for k in (1, 2, 3, 4)})
+        if len(self.layers) < 4:
+            raise UserError(f"model.backbone dinov2: the weights have {depth} blocks; four feature levels need at least 4")
+        self.up4 = nn.Sequential(
+            nn.ConvTranspose2d(width, width // 2, 2, stride=2), nn.GroupNorm(1, width // 2), nn.GELU(), nn.ConvTranspose2d(width // 2, width // 4, 2, stride=2)
+        )
+        self.up2 = nn.ConvTranspose2d(width, width // 2, 2, stride=2)
+        self.down2 = nn.MaxPool2d(2)
+        self.channels = [width // 4, width // 2, width, width]
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        h, w = (-(-size // self.patch) * self.patch for size in images.shape[-2:])  # the next multiple of the patch
+        if (h, w) != tuple(images.shape[-2:]):
+            images = torch.nn.functional.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
+        states = self.encoder(pixel_values=images, output_hidden_states=True).hidden_states
+        maps = []
+        for layer in self.layers:
+            tokens = self.encoder.layernorm(states[layer])[:, 1:]  # drop the class token
+            maps.append(tokens.transpose(1, 2).reshape(images.shape[0], -1, h // self.patch, w // self.patch))
+        return [self.up4(maps[0]), self.up2(maps[1]), maps[2], self.down2(maps[3])]
+
+
+def build_dinov2(name: str, weights: str | None, local_files_only: bool = True) -> DINOv2:
+    from transformers import Dinov2Config, Dinov2Model
+
+    if weights is None:
+        width, depth, heads = DINOV2_SIZES.get(name, DINOV2_SIZES["dinov2_small"])
+        return DINOv2(Dinov2Model(Dinov2Config(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads, use_swiglu_ffn=width == 1536)))
+    path = Path(weights).expanduser()
+    fix = f"give DINOv2 weights in Hugging Face format: a model directory or a hub id in the cache such as {hub_id(name)}"
+    if not (path.is_dir() or _is_hub_id(weights)):
+        raise UserError(f"model.pretrained {weights}: not a model directory or hub id; {fix}")
+    try:
+        with _quiet_transformers():
+            encoder = Dinov2Model.from_pretrained(str(path) if path.is_dir() else weights, local_files_only=local_files_only, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        where = "the Hugging Face cache (model.local_files_only is true: download it first, see docs/reproduce.md)" if local_files_only else "the hub"
+        raise UserError(f"cannot load model.pretrained {weights} from {where}: {one_line(exc, limit=160)}; {fix}") from None
+    if name in DINOV2_SIZES and encoder.config.hidden_size != DINOV2_SIZES[name][0]:
+        raise UserError(
+            f"model.pretrained {weights} is a DINOv2 of width {encoder.config.hidden_size}, not {name}; use model.backbone: dinov2 or the matching size"
+        )
+    return DINOv2(encoder)
 
 
 def _in_hf_cache(repo_id: str) -> bool:

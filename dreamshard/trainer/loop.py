@@ -203,7 +203,8 @@ def build_state(config: TrainConfig, rt: Runtime, out: Path) -> tuple[TrainState
     if config.compile:
         student = torch.compile(student)
     optim = config.optim
-    optimizer = torch.optim.AdamW(head_parameter_groups(model, optim.lr, optim.head_lr_mult, optim.weight_decay), betas=optim.betas)
+    groups = head_parameter_groups(model, optim.lr, optim.head_lr_mult, optim.weight_decay)
+    optimizer = torch.optim.SGD(groups, momentum=optim.momentum) if optim.optimizer == "sgd" else torch.optim.AdamW(groups, betas=optim.betas)
     state = TrainState(
         model=model,
         method=build_method(config, student),

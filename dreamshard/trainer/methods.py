@@ -29,7 +29,7 @@ import torchvision.transforms.v2.functional as TF
 from timm.layers import DropPath
 from torch import nn
 
-from dreamshard.config import TrainConfig, UDAConfig
+from dreamshard.config import TrainConfig, UDAConfig, ZoDiConfig
 from dreamshard.datasets.labels import IGNORE_INDEX
 
 Batch = dict[str, torch.Tensor]
@@ -357,7 +357,55 @@ def downscale_labels(labels: torch.Tensor, scale: int, min_ratio: float, num_cla
     return small
 
 
-def build_method(config: TrainConfig, model: nn.Module) -> SourceOnly | DACS:
+class ZoDi:
+    """ZoDi's model adaptation (`model_adaptation/utils/routines.py`, `models/segmentation/_utils.py`): each
+    batch holds real source crops and their transferred twins (same window, flip and labels; data.paired).
+    Loss = CE(real) + CE(twin) + sim_weight x -(q * z).sum(1).mean(), where q and z are the real image's and
+    its twin's last backbone level, global-average-pooled and L2-normalised (zodi.features/pool/normalize
+    choose other variants); no detach, so both halves get the similarity's gradient, as in ZoDi.
+    Difference: one forward over both halves (one DDP pass, one all-reduce), so BatchNorm normalises real and
+    twin together; ZoDi makes two passes (real with the similarity, then the twin) and BN sees each alone."""
+
+    def __init__(self, model: nn.Module, config: ZoDiConfig):
+        self.model, self.config = model, config
+        self.visuals: dict[str, torch.Tensor] = {}
+
+    def begin_iteration(self, iteration: int) -> None:
+        pass
+
+    def step(self, batch: Batch, grads: Gradients, visual: bool = False) -> dict[str, torch.Tensor]:
+        real, twin, label = batch["source_image"], batch["target_image"], batch["source_label"]
+        twin_label = batch.get("target_label", label)
+        with grads.sync(final=True):
+            images = torch.cat([real, twin])
+            if self.config.features == "decoder":
+                logits, features = self.model(images, with_embedding=True)
+            else:
+                logits, levels = self.model(images, with_features=True)
+                features = levels[-1]
+            loss_ce = weighted_ce(logits, torch.cat([label, twin_label]))
+            q, z = features.float().chunk(2)
+            if self.config.pool:
+                q, z = q.mean(dim=(2, 3)), z.mean(dim=(2, 3))
+            if self.config.normalize:
+                q, z = F.normalize(q, dim=1), F.normalize(z, dim=1)
+            loss_sim = -(q * z).sum(1).mean()
+            grads.backward(loss_ce + self.config.sim_weight * loss_sim)
+        if visual:
+            rows = slice(0, PICTURE_ROWS)
+            self.visuals = {"source image": real[rows], "transferred twin": twin[rows], "label": label[rows]}
+        return {"loss_ce": loss_ce.detach(), "loss_sim": loss_sim.detach()}
+
+    def state_dicts(self) -> dict[str, dict]:
+        return {}
+
+    def load_state_dicts(self, states: dict[str, dict]) -> None:
+        pass
+
+
+def build_method(config: TrainConfig, model: nn.Module) -> SourceOnly | DACS | ZoDi:
+    if config.method == "zodi":
+        return ZoDi(model, config.zodi)
     if config.method == "dacs":
         return DACS(model, config.uda, config.model.num_classes)
     if config.method == "supervised_synthetic":

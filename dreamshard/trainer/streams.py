@@ -63,6 +63,8 @@ def training_domains(config: TrainConfig) -> dict[str, bool]:
         return {"source": True, "target": False}
     if config.method == "supervised_synthetic":
         return {"source": True, "target": True} if config.data.source else {"target": True}
+    if config.method == "zodi":  # the transferred twins carry their source's label (seg.png)
+        return {"source": True, "target": True}
     return {"source": True}
 
 

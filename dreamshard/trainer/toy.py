@@ -76,9 +76,12 @@ def make_toy(
     num_val: int = 128,
     samples_per_shard: int = 64,
     hue_shift: float = 0.12,
+    twins: bool = True,
 ) -> dict[str, Path]:
     """Write source/ (labelled folder), target/ (unlabelled run directory of shards), target_val/ (labelled
-    folder) under `out`; returns their paths."""
+    folder) and, with `twins`, target_twins/ (a run directory: each source item's layout rendered in the target
+    style, its label as seg.png and json source_key naming the item: what a ZoDi transfer makes, for
+    configs/toy_zodi.yaml) under `out`; returns their paths."""
     out = Path(out)
     rng = np.random.default_rng(seed)
     source_colours = np.array(SOURCE_COLOURS, dtype=np.float32)
@@ -86,8 +89,10 @@ def make_toy(
     target_style: dict[str, Any] = {"colours": target_colours, "noise": 14.0, "texture": 18.0}
     paths = {"source": out / "source", "target": out / "target", "target_val": out / "target_val"}
 
+    source_labels = []
     for i in range(num_source):
         label = toy_layout(rng, size)
+        source_labels.append(label)
         _write_pair(paths["source"], f"{i:05d}", render(label, rng, source_colours, noise=3.0, texture=0.0), label)
     for i in range(num_val):
         label = toy_layout(rng, size)
@@ -98,6 +103,17 @@ def make_toy(
         image = render(toy_layout(rng, size), rng, **target_style)
         samples.append(ShardSample({"index": index, "prompt": "a toy street scene", "mode": "toy", "width": size, "height": size}, Image.fromarray(image)))
     write_dataset(paths["target"], samples, samples_per_shard, image_format="png", record={"kind": "toy", "seed": seed, "classes": list(TOY_CLASSES)})
+    if twins:  # drawn last, from their own generator: the other folders stay as they were without them
+        paths["target_twins"] = out / "target_twins"
+        twin_rng = np.random.default_rng([seed, 1])
+        made = [
+            ShardSample({"index": i, "prompt": "a toy street scene, transferred", "mode": "toy", "source_key": f"{i:05d}", "width": size, "height": size},
+                        Image.fromarray(render(label, twin_rng, **target_style)), {"seg.png": Image.fromarray(label)})
+            for i, label in enumerate(source_labels)
+        ]  # fmt: skip
+        write_dataset(
+            paths["target_twins"], made, samples_per_shard, image_format="png", record={"kind": "toy twins", "seed": seed, "classes": list(TOY_CLASSES)}
+        )
     return paths
 
 
