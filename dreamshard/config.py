@@ -479,6 +479,9 @@ class TrainModelConfig(Strict):
     # normal fan_out for the BN-ReLU convs, a N(0, 0.01) classifier), which the paper configs use. On the
     # toy shift from a random backbone `daformer` trains worse (docs/benchmarks.md).
     head_init: Literal["pytorch", "daformer"] = "pytorch"
+    # Train the decode head only, the backbone kept as loaded (CLOUDS freezes its CLIP ConvNeXt; its
+    # BatchNorm/LayerNorm statistics stay too).
+    freeze_backbone: bool = False
     hrda: HRDAConfig = HRDAConfig()
 
     @property
@@ -554,6 +557,31 @@ class ZoDiConfig(Strict):
     normalize: bool = True  # L2-normalise over channels (a cosine similarity), as ZoDi
 
 
+class SAMConfig(Strict):
+    """CLOUDS' refinement of the teacher's pseudo-labels with SAM (trainer/sam.py)."""
+
+    model: str = "none"  # a transformers SAM directory or hub id in the HF cache (facebook/sam-vit-base); none: no refinement
+    local_files_only: bool = True
+    min_area: int = Field(5000, ge=0)  # components of more pixels become prompts (CLOUDS: 5000 on 768x768 crops)
+    points: int = Field(5, ge=1)  # random positive points per component (CLOUDS: 5)
+    remove_overlaps: bool = True  # pixels of several kept masks are dropped (CLOUDS' RM_INTERSECTION)
+
+    @property
+    def enabled(self) -> bool:
+        return self.model.strip().lower() != "none"
+
+
+class CLOUDSConfig(Strict):
+    """CLOUDS' training (yasserben/CLOUDS): a source warm-up, then source + generated images, the generated
+    ones pseudo-labelled by an EMA teacher of the decode head (refined by SAM); the backbone frozen
+    (model.freeze_backbone)."""
+
+    warmup_iters: int = Field(0, ge=0)  # source-only iterations first (CLOUDS: a separate 40k-iteration run)
+    ema_alpha: float = Field(0.999, ge=0, le=1)  # the teacher head's EMA momentum (no ramp, as CLOUDS)
+    ema_every: int = Field(100, ge=1)  # iterations between EMA updates (CLOUDS: 100)
+    sam: SAMConfig = SAMConfig()
+
+
 class OptimConfig(Strict):
     """AdamW (DAFormer) or SGD with momentum (DeepLab, ZoDi) + linear warmup + poly decay, by iteration."""
 
@@ -583,7 +611,7 @@ class TrainOutputConfig(Strict):
 
 
 class TrainConfig(Strict):
-    method: Literal["dacs", "source_only", "supervised_synthetic", "zodi"] = "dacs"
+    method: Literal["dacs", "source_only", "supervised_synthetic", "zodi", "clouds"] = "dacs"
     output: TrainOutputConfig = TrainOutputConfig()
     seed: int = 0
     max_iters: int = Field(40000, ge=1)
@@ -603,14 +631,17 @@ class TrainConfig(Strict):
     model: TrainModelConfig = TrainModelConfig()
     uda: UDAConfig = UDAConfig()
     zodi: ZoDiConfig = ZoDiConfig()
+    clouds: CLOUDSConfig = CLOUDSConfig()
     optim: OptimConfig = OptimConfig()
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         data = self.data
-        if self.method == "dacs" and (data.source is None or data.target is None):
-            raise ValueError("method dacs needs data.source (labelled) and data.target (pseudo-target)")
+        if self.method in ("dacs", "clouds") and (data.source is None or data.target is None):
+            raise ValueError(f"method {self.method} needs data.source (labelled) and data.target (pseudo-target)")
+        if self.method == "clouds" and self.model.hrda.enabled:
+            raise ValueError("method clouds does not combine with model.hrda")
         if self.method == "source_only" and data.source is None:
             raise ValueError("method source_only needs data.source")
         if self.method == "zodi" and not data.paired:

@@ -25,7 +25,7 @@ def toy(tmp_path_factory):
 
 def toy_sets(toy: dict, out: Path, method: str, **extra) -> list[str]:
     sets = {"output.path": out, "progress": "false", "data.source.folder.root": toy["source"], "data.val.folder.root": toy["target_val"], **extra}
-    if method == "dacs":
+    if method in ("dacs", "clouds"):
         sets["data.target.shards.path"] = toy["target"]
     if method == "zodi":
         sets["data.target.shards.path"] = toy["target_twins"]
@@ -205,3 +205,22 @@ def test_zodi_through_the_cli_beats_source_only(toy, source_only, tmp_path):
     assert len(sims) == 6 and all(-1 <= sim < 0 for sim in sims)  # a negative cosine, logged every 25 iterations
     # Measured (docs/benchmarks.md): seed 0 source_only 37.2, zodi 62.2 mIoU.
     assert summary["method"] == "zodi" and summary["mIoU"] > source_only.mIoU + 15
+
+
+@pytest.mark.slow
+def test_clouds_through_the_cli_with_a_tiny_sam(toy, tmp_path):
+    """CLOUDS' schedule in miniature: 2 warm-up iterations, then teacher labels refined by a real (tiny,
+    random) SAM; the margin over source-only is measured in docs/benchmarks.md (SAM off on the toy)."""
+    from dreamshard.engine.tiny import build_tiny_model
+
+    sam = build_tiny_model(tmp_path / "sam", "tiny-sam")
+    extra = {"max_iters": 6, "image_interval": 0, "log_interval": 2, "clouds.warmup_iters": 2, "clouds.sam.model": sam, "clouds.sam.min_area": 50}
+    args = ["train", str(ROOT / "configs" / "toy_clouds.yaml")] + [
+        arg for pair in toy_sets(toy, tmp_path / "clouds", "clouds", **extra) for arg in ("--set", pair)
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / "clouds" / "metrics.jsonl").read_text().splitlines()]
+    changed = [record["refined_changed"] for record in records if "refined_changed" in record]
+    assert len(changed) == 2 and all(0 < share <= 1 for share in changed)  # from iteration 3 on, SAM relabelled pixels
+    assert "loss_target" not in records[0] and "loss_target" in records[-2]

@@ -207,7 +207,7 @@ def build_state(config: TrainConfig, rt: Runtime, out: Path) -> tuple[TrainState
     optimizer = torch.optim.SGD(groups, momentum=optim.momentum) if optim.optimizer == "sgd" else torch.optim.AdamW(groups, betas=optim.betas)
     state = TrainState(
         model=model,
-        method=build_method(config, student),
+        method=build_method(config, student, rt.device),
         optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(optim, config.max_iters)),
         scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.autocast_dtype == torch.float16),

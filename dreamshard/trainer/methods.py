@@ -29,7 +29,7 @@ import torchvision.transforms.v2.functional as TF
 from timm.layers import DropPath
 from torch import nn
 
-from dreamshard.config import TrainConfig, UDAConfig, ZoDiConfig
+from dreamshard.config import CLOUDSConfig, TrainConfig, UDAConfig, ZoDiConfig
 from dreamshard.datasets.labels import IGNORE_INDEX
 
 Batch = dict[str, torch.Tensor]
@@ -403,9 +403,95 @@ class ZoDi:
         pass
 
 
-def build_method(config: TrainConfig, model: nn.Module) -> SourceOnly | DACS | ZoDi:
+class CLOUDS:
+    """CLOUDS' training (yasserben/CLOUDS `clouds/clouds.py`) with this trainer's per-pixel segmenter:
+
+    1. source CE on every iteration; for the first clouds.warmup_iters only that (CLOUDS' warm-up run);
+    2. after it, each generated (target) image is pseudo-labelled by the teacher: the student's backbone
+       (frozen in CLOUDS, model.freeze_backbone) under an EMA copy of the decode head, argmax with no
+       threshold, refined by SAM (trainer/sam.py) when clouds.sam.model is set; the student trains on a
+       strongly augmented view of the image (DACS's colour jitter and blur, uda.*) against it;
+    3. the teacher head is a copy at iteration 0 and takes one EMA step (clouds.ema_alpha, no ramp) every
+       clouds.ema_every iterations.
+    Differences from CLOUDS' code: a per-pixel decode head and cross-entropy (CLOUDS: Mask2Former's decoder
+    and set loss; pixels SAM leaves uncovered are ignored here); each iteration holds a source and a target
+    batch of equal size (CLOUDS samples one mixed stream with generated images repeated twice); one run holds
+    warm-up and joint training; DACS's augmentation stands in for detectron2's ColorAugSSD."""
+
+    def __init__(self, model: nn.Module, config: CLOUDSConfig, uda: UDAConfig, device: torch.device, seed: int):
+        self.model, self.config, self.uda = model, config, uda
+        self.teacher_head = freeze(copy.deepcopy(unwrap(model).decode_head))
+        self.iteration = 0
+        self.sam = None
+        if config.sam.enabled:
+            from dreamshard.trainer.sam import SAMRefiner
+
+            self.sam = SAMRefiner(config.sam, device)
+        self.generator = torch.Generator().manual_seed(seed)  # SAM's prompt points
+        self.visuals: dict[str, torch.Tensor] = {}
+
+    def state_dicts(self) -> dict[str, dict]:
+        return {"teacher_head": self.teacher_head.state_dict()}
+
+    def load_state_dicts(self, states: dict[str, dict]) -> None:
+        self.teacher_head.load_state_dict(states["teacher_head"])
+
+    @torch.no_grad()
+    def begin_iteration(self, iteration: int) -> None:
+        self.iteration = iteration
+        self.generator.manual_seed(iteration)  # a resumed run draws the same prompt points
+        student = unwrap(self.model).decode_head
+        if iteration == 0:
+            self.teacher_head.load_state_dict(student.state_dict())
+        elif iteration % self.config.ema_every == 0:
+            torch._foreach_lerp_(list(self.teacher_head.parameters()), [p.detach() for p in student.parameters()], 1 - self.config.ema_alpha)
+
+    def step(self, batch: Batch, grads: Gradients, visual: bool = False) -> dict[str, torch.Tensor]:
+        joint = self.iteration >= self.config.warmup_iters
+        with grads.sync(final=not joint):
+            loss_src, _ = supervised_loss(self.model, batch["source_image"], batch["source_label"])
+            grads.backward(loss_src)
+        logs = {"loss_source": loss_src.detach()}
+        rows = slice(0, PICTURE_ROWS)
+        if visual:
+            self.visuals = {"source image": batch["source_image"][rows], "source label": batch["source_label"][rows]}
+        if not joint:
+            return logs
+        target = batch["target_image"]
+        pseudo = self.pseudo_label(target)
+        refined = self.sam.refine(target, pseudo, self.generator) if self.sam is not None else pseudo
+        logs["refined_changed"] = (refined != pseudo).float().mean()  # share of pixels SAM relabelled or dropped
+        augmented = strong_augment(target, self.uda)
+        with grads.sync(final=True):
+            loss_tgt, _ = supervised_loss(self.model, augmented, refined)
+            grads.backward(loss_tgt)
+        logs["loss_target"] = loss_tgt.detach()
+        if visual:
+            self.visuals |= {
+                "target image": target[rows],
+                "teacher label": pseudo[rows],
+                "SAM-refined": refined[rows],
+                "student view": augmented[rows].detach(),
+            }
+        return logs
+
+    @torch.no_grad()
+    def pseudo_label(self, target: torch.Tensor) -> torch.Tensor:
+        """The teacher head on the student's backbone features of the clean image: argmax at image size."""
+        core = unwrap(self.model)
+        self.teacher_head.train()  # BN on batch statistics, as the DACS teacher; dropout off
+        for module in self.teacher_head.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.training = False
+        logits = self.teacher_head(core.features(target))
+        return F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False).argmax(dim=1)
+
+
+def build_method(config: TrainConfig, model: nn.Module, device: torch.device | None = None) -> SourceOnly | DACS | ZoDi | CLOUDS:
     if config.method == "zodi":
         return ZoDi(model, config.zodi)
+    if config.method == "clouds":
+        return CLOUDS(model, config.clouds, config.uda, device or torch.device("cpu"), config.seed)
     if config.method == "dacs":
         return DACS(model, config.uda, config.model.num_classes)
     if config.method == "supervised_synthetic":

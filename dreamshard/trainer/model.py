@@ -148,8 +148,19 @@ class Segmenter(nn.Module):
         self.feature_channels = list(channels)
         self.decode_head = build_head(config, channels)
         self.num_classes = config.num_classes
+        self.frozen_backbone = config.freeze_backbone
+        if self.frozen_backbone:
+            for param in self.backbone.parameters():
+                param.requires_grad_(False)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> Segmenter:
+        """A frozen backbone stays in eval mode (its normalisation statistics are kept as loaded)."""
+        super().train(mode)
+        if self.frozen_backbone:
+            self.backbone.eval()
+        return self
 
     def context_input(self, images: torch.Tensor) -> torch.Tensor:
         """What the backbone sees for the features the feature distance compares (HRDA: a smaller view)."""
@@ -180,6 +191,8 @@ def head_parameter_groups(model: Segmenter, lr: float, head_lr_mult: float, weig
     }
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
+        if not param.requires_grad:  # a frozen backbone (model.freeze_backbone)
+            continue
         key = (name.startswith(("decode_head.", "scale_attention.")), id(param) in norm_params)
         groups.setdefault(key, []).append(param)
     return [

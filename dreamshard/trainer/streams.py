@@ -59,7 +59,7 @@ def batch_sizes(data: TrainDataConfig, accum: int, world: int) -> BatchSizes:
 
 def training_domains(config: TrainConfig) -> dict[str, bool]:
     """Which data streams the method reads, and whether each must carry labels."""
-    if config.method == "dacs":
+    if config.method in ("dacs", "clouds"):
         return {"source": True, "target": False}
     if config.method == "supervised_synthetic":
         return {"source": True, "target": True} if config.data.source else {"target": True}
