@@ -257,7 +257,7 @@ def repair(
     record = None
     if config is not None:
         from dreamshard.config import GenerateConfig, load_config
-        from dreamshard.engine.run import record_for
+        from dreamshard.engine.recover import record_for
 
         record = record_for(load_config(config, GenerateConfig, sets), out)
     done = repair_run(out, record, check_shards=shards)

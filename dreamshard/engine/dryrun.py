@@ -14,8 +14,7 @@ from dreamshard.engine.conditioned import check_pairing, check_settings, require
 from dreamshard.engine.models import model_identity
 from dreamshard.engine.modes import mode_for
 from dreamshard.engine.plan import build_plan
-from dreamshard.engine.records import check_memory, fingerprint_parts, resolved_config
-from dreamshard.engine.run import checked_counts
+from dreamshard.engine.records import check_memory, checked_counts, fingerprint_parts, resolved_config
 from dreamshard.errors import UserError
 from dreamshard.format.layout import RUN_RECORD
 from dreamshard.format.rundir import RunDir

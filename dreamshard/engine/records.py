@@ -15,7 +15,7 @@ from dreamshard.engine.modes import mode_for
 from dreamshard.engine.plan import Plan
 from dreamshard.engine.quality import quality_identity
 from dreamshard.errors import UserError
-from dreamshard.format.layout import FORMAT_VERSION, LAYOUT
+from dreamshard.format.layout import FORMAT_VERSION, LAYOUT, shard_counts
 from dreamshard.format.reader import BadRunRecord, read_run_record
 from dreamshard.format.store import Store
 from dreamshard.identity import Identity
@@ -27,6 +27,20 @@ MODEL_PARTS = ("hash", "revision", "variant", "config", "loras", "controlnet", "
 TARGET_SHARDS = 256  # auto: shards in a run (a 64-GPU cluster gets 4 rounds)
 MAX_AUTO_SHARD = 1000  # auto: samples per shard at most
 CALLS_PER_GROUP = 2  # auto: full pipeline calls per call group in a shard at least
+
+
+MAX_SHARDS = 10_000_000  # a plan past this is a typo (1e15 samples), and its shard list alone would not fit in memory
+
+
+def checked_counts(config: GenerateConfig) -> list[int]:
+    """Samples per shard of the run, refusing a plan too large to list."""
+    shards = -(-config.run.num_samples // config.output.shard_size)
+    if shards > MAX_SHARDS:
+        raise UserError(
+            f"num_samples {config.run.num_samples} makes {shards} shards of {config.output.shard_size}; at most {MAX_SHARDS:,} "
+            "(raise output.samples_per_shard or lower num_samples)"
+        )
+    return shard_counts(config.run.num_samples, config.output.shard_size)
 
 
 def resolved_config(config: GenerateConfig, out: str | None, num_samples: int | None) -> GenerateConfig:

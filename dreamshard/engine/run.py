@@ -10,7 +10,6 @@ run is recorded (stats.jsonl, the marker snapshot) and, when every shard is comm
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -24,21 +23,19 @@ from dreamshard.engine.driver import WORKER_CONCURRENCY, Driver, DriverReport, S
 from dreamshard.engine.models import model_identity
 from dreamshard.engine.plan import Plan, build_plan
 from dreamshard.engine.quality import check_clip_model
-from dreamshard.engine.records import check_memory, resolved_config, run_identity, run_record, run_stats
+from dreamshard.engine.records import check_memory, checked_counts, resolved_config, run_identity, run_record, run_stats
 from dreamshard.engine.worker import GenerationWorker
 from dreamshard.errors import RunFailure, UserError
-from dreamshard.format.layout import shard_counts
 from dreamshard.format.lease import OutputLease
-from dreamshard.format.reader import committed_shards, read_markers, read_shard, shard_size_of
+from dreamshard.format.reader import committed_shards
 from dreamshard.format.rundir import RunDir, RunState, UnreadableIndex
 from dreamshard.format.store import Store
-from dreamshard.identity import Identity, changes, describe
+from dreamshard.identity import Identity
 from dreamshard.logs import StageProgress
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_SECONDS = 60.0  # how often a running driver refreshes the marker snapshot (index/markers.json)
-MAX_SHARDS = 10_000_000  # a plan past this is a typo (1e15 samples), and its shard list alone would not fit in memory
 
 
 @dataclass
@@ -124,17 +121,6 @@ def generate(
     return summary
 
 
-def checked_counts(config: GenerateConfig) -> list[int]:
-    """Samples per shard of the run, refusing a plan too large to list."""
-    shards = -(-config.run.num_samples // config.output.shard_size)
-    if shards > MAX_SHARDS:
-        raise UserError(
-            f"num_samples {config.run.num_samples} makes {shards} shards of {config.output.shard_size}; at most {MAX_SHARDS:,} "
-            "(raise output.samples_per_shard or lower num_samples)"
-        )
-    return shard_counts(config.run.num_samples, config.output.shard_size)
-
-
 def remake_damaged(rundir: RunDir, state: RunState, identity: Identity, counts: list[int], shard_size: int) -> RunState:
     """--verify: un-commit the committed shards whose files are not what their markers say; the run then
     makes them again."""
@@ -143,40 +129,6 @@ def remake_damaged(rundir: RunDir, state: RunState, identity: Identity, counts: 
         log.warning("shard %d is damaged (%s); it is made again", shard, problem)
         rundir.uncommit(shard)
     return rundir.classify(identity, counts, shard_size) if damaged else state
-
-
-def record_for(config: GenerateConfig, out: str) -> dict:
-    """The run record `generate` would write for `config` at `out` (dreamshard repair --config), once the shards
-    there are shown to be this config's: each committed shard's first sample has the plan's prompt and class
-    and the weights' hash. The shard size comes from the shards themselves when the config says auto."""
-    shard_size = shard_size_of(read_markers(Store(out)))
-    given = config.output.samples_per_shard
-    if given not in ("auto", shard_size):
-        raise UserError(f"{out}: its shards hold {shard_size} samples each, the config {given}; repair with the config the run was made with")
-    config = resolved_config(config, out, None)
-    config.output.samples_per_shard = shard_size
-    counts = checked_counts(config)
-    plan = build_plan(config.prompts, config.sampling, config.run.seed)
-    conditioner = conditioner_for(config)
-    model_info = model_identity(config.model)
-    check_made_by(Store(out), plan, model_info, shard_size)
-    return run_record(config, plan, counts, run_identity(config, plan, model_info, conditioner), model_info, None)
-
-
-def check_made_by(store: Store, plan: Plan, model_info: dict, shard_size: int) -> None:
-    """UserError unless the first sample of every committed shard matches the plan and the weights."""
-    for shard in sorted(committed_shards(store, shard_size, use_snapshot=False)):
-        key, fields = next(iter(read_shard(store, shard)))
-        meta = json.loads(fields["json"])
-        spec = plan.spec(meta["index"])
-        if spec.template and ("{classes}" in spec.template or "{least_class}" in spec.template):
-            expected = {"template": spec.template, "class_name": spec.class_name}
-        else:
-            expected = {"prompt": spec.prompt, "class_name": spec.class_name}
-        expected["model hash"] = model_info["hash"]
-        found = {name: meta.get(name) for name in expected if name != "model hash"} | {"model hash": (meta.get("model") or {}).get("hash")}
-        if found != expected:
-            raise UserError(f"{store.url}: sample {key} was not made by this config ({describe(changes(found, expected))}); repair with the run's own config")
 
 
 def check_committed(report: DriverReport, committed: dict[int, dict]) -> None:
