@@ -224,3 +224,18 @@ def test_clouds_through_the_cli_with_a_tiny_sam(toy, tmp_path):
     changed = [record["refined_changed"] for record in records if "refined_changed" in record]
     assert len(changed) == 2 and all(0 < share <= 1 for share in changed)  # from iteration 3 on, SAM relabelled pixels
     assert "loss_target" not in records[0] and "loss_target" in records[-2]
+
+
+@pytest.mark.slow
+def test_dinov2_backbone_trains_dacs_with_mic_through_the_cli(toy, tmp_path):
+    """The tiny-dinov2 preset through the real loading code (a model directory), DACS + MIC, a few iterations."""
+    from dreamshard.engine.tiny import build_tiny_model
+
+    weights = build_tiny_model(tmp_path / "dinov2", "tiny-dinov2")
+    extra = {"max_iters": 4, "image_interval": 0, "log_interval": 2, "model.backbone": "dinov2", "model.pretrained": weights, "model.decoder": "daformer",
+             "uda.mic.enabled": "true", "uda.mic.block_size": 8}  # fmt: skip
+    args = ["train", str(ROOT / "configs" / "toy_dacs.yaml")] + [arg for pair in toy_sets(toy, tmp_path / "dino", "dacs", **extra) for arg in ("--set", pair)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / "dino" / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss_mic" in record for record in records[:2]) and json.loads((tmp_path / "dino" / "summary.json").read_text())["mIoU"] is not None
