@@ -37,6 +37,7 @@ def load(path, tmp_path):
 
 def test_a_complete_run_has_a_card_and_load_dataset_reads_it(run, tmp_path):
     card = DatasetCard.load(run / "README.md")
+    assert card.data.task_categories == ["image-segmentation"]  # its samples carry seg.png (the record's `label`)
     assert card.data.license == "cc-by-4.0" and card.data.configs[0]["data_files"] == [{"split": "train", "path": "shards/*.tar"}]
     assert "| car | 9 | 36.0% |" in card.text and "| rainy | 12 | 48.0% |" in card.text and "`org/sd`" in card.text
     ds = load(run, tmp_path)

@@ -15,7 +15,7 @@ from dreamshard.engine.modes import mode_for
 from dreamshard.engine.plan import Plan
 from dreamshard.engine.quality import quality_identity
 from dreamshard.errors import UserError
-from dreamshard.format.layout import FORMAT_VERSION, LAYOUT, shard_counts
+from dreamshard.format.layout import FORMAT_VERSION, LABEL_FIELD, LAYOUT, shard_counts
 from dreamshard.format.reader import BadRunRecord, read_run_record
 from dreamshard.format.store import Store
 from dreamshard.identity import Identity
@@ -158,6 +158,7 @@ def run_record(config: GenerateConfig, plan: Plan, counts: list[int], identity: 
         "samples_per_shard": config.output.shard_size,
         "num_shards": len(counts),
         "image_format": config.output.image_format,
+        "label": LABEL_FIELD if mode_for(config.mode).keeps_label else None,  # what each sample carries besides its image
         "layout": LAYOUT,
         "model": model_info,
         "plan": plan.describe(),

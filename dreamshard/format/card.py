@@ -17,7 +17,11 @@ from dreamshard.format.record import JSON_FIELDS
 
 CARD = "README.md"
 DATA_FILES = "shards/*.tar"
-LABEL_MODES = ("img2img", "depth2img", "controlnet_seg")  # the modes that keep the source's label as seg.png
+
+
+def labelled(record: dict) -> bool:
+    """Whether the samples carry seg.png: the run record's `label` (written by generate from its mode)."""
+    return record.get("label") == LABEL_FIELD
 
 
 def size_category(samples: int) -> str:
@@ -31,11 +35,10 @@ def size_category(samples: int) -> str:
 def card_metadata(record: dict, samples: int) -> dict:
     """The card's YAML header (Hub dataset metadata)."""
     config = record.get("config") or {}
-    labelled = config.get("mode") in LABEL_MODES
     return {
         "license": (config.get("output") or {}).get("license") or "other",
         "pretty_name": f"dreamshard {config.get('mode', 'txt2img')} run {record.get('fingerprint', '')[:12]}".strip(),
-        "task_categories": ["image-segmentation"] if labelled else ["text-to-image"],
+        "task_categories": ["image-segmentation"] if labelled(record) else ["text-to-image"],
         "tags": ["dreamshard", "synthetic", "stable-diffusion", "webdataset", "domain-adaptation"],
         "size_categories": [size_category(samples)],
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": DATA_FILES}]}],
@@ -47,9 +50,7 @@ def dataset_card(record: dict, rows: list[dict], repo: str | None = None) -> str
     axis, the model and its fingerprint, and the plan. `rows`: the committed samples' metadata rows; `repo`: the
     Hub repository it is pushed to (named in the loading example)."""
     metadata = yaml.safe_dump(card_metadata(record, len(rows)), sort_keys=False, allow_unicode=True)
-    config = record.get("config") or {}
     image = record.get("image_format", "jpg")
-    labelled = config.get("mode") in LABEL_MODES
     maker = " ".join(filter(None, ("dreamshard", record.get("dreamshard"))))
     sections = [
         f"---\n{metadata}---\n",
@@ -63,7 +64,7 @@ def dataset_card(record: dict, rows: list[dict], repo: str | None = None) -> str
         f'ds[0]["{image}"], ds[0]["json"]["prompt"]\n```\n\n'
         f"Or with webdataset / the dreamshard trainer: the tars under `shards/` (`{DATA_FILES}`; `shards/sizes.json` "
         "counts each). The layout is dreamshard's docs/format.md.",
-        features_section(image, labelled),
+        features_section(image, labelled(record)),
         counts_section(rows),
         model_section(record),
         plan_section(record),

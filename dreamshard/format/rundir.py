@@ -20,6 +20,7 @@ from dreamshard.errors import UserError
 from dreamshard.format.card import CARD, dataset_card
 from dreamshard.format.layout import (
     FORMAT_VERSION,
+    LABEL_FIELD,
     LAYOUT,
     LEASE,
     MANIFEST,
@@ -295,7 +296,7 @@ def write_dataset(
     full_record = {
         "format_version": FORMAT_VERSION, "num_samples": len(samples), "samples_per_shard": samples_per_shard,
         "num_shards": len(counts), "image_format": image_format, "layout": LAYOUT, "fingerprints": {}, "model": {},
-        **(record or {}),
+        "label": LABEL_FIELD if any(LABEL_FIELD in sample.files for sample in samples) else None, **(record or {}),
     }  # fmt: skip
     rundir.consolidate(counts, full_record)
     rundir.write_record(full_record)
