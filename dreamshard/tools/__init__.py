@@ -1,6 +1,7 @@
-"""Tools that only read a run directory (local path or fsspec URL): `inspect` (counts, run statistics,
-quality), `verify` (the run against the data contract) and `preview` (a contact sheet). They import the data
-contract (format/) and nothing of the engine or the trainer, so they read any run, however it was made."""
+"""Tools on a run directory (local path or fsspec URL): `inspect` (counts, run statistics, quality),
+`verify` (the run against the data contract) and `preview` (a contact sheet) only read it; `repair` mends it
+and `push` rewrites its dataset card before publishing it. They import the data contract (format/) and
+nothing of the engine or the trainer, so they work on any run, however it was made."""
 
 from __future__ import annotations
 

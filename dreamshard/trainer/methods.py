@@ -427,7 +427,7 @@ class CLOUDS:
             from dreamshard.trainer.sam import SAMRefiner
 
             self.sam = SAMRefiner(config.sam, device)
-        self.generator = torch.Generator().manual_seed(seed)  # SAM's prompt points
+        self.seed, self.generator = seed, torch.Generator()  # SAM's prompt points
         self.visuals: dict[str, torch.Tensor] = {}
 
     def state_dicts(self) -> dict[str, dict]:
@@ -439,7 +439,7 @@ class CLOUDS:
     @torch.no_grad()
     def begin_iteration(self, iteration: int) -> None:
         self.iteration = iteration
-        self.generator.manual_seed(iteration)  # a resumed run draws the same prompt points
+        self.generator.manual_seed(self.seed * 1_000_003 + iteration)  # a resumed run draws the same prompt points
         student = unwrap(self.model).decode_head
         if iteration == 0:
             self.teacher_head.load_state_dict(student.state_dict())
