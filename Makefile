@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 TINY := .cache/tiny-sd
 TINY_CN := .cache/tiny-controlnet
 
-.PHONY: setup demo test test-fast lint format bench clean
+.PHONY: setup demo test test-fast test-min lint format bench clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,16 @@ test: setup lint
 # Unit tests only: no end-to-end runs (those are marked slow).
 test-fast: setup
 	$(PYTEST) -m "not slow"
+
+# The declared lower bounds (docs/install.md): a fresh venv with every direct dependency at its oldest supported
+# version (constraints-min.txt; torch/torchvision excepted), then test-fast's tests. Leaves .venv alone.
+VENV_MIN := .venv-min
+
+test-min:
+	rm -rf $(VENV_MIN)
+	$(PYTHON) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python -m pip install --disable-pip-version-check -q -c constraints-min.txt -e '.[test,s3]'
+	$(VENV_MIN)/bin/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check dreamshard tests bench
