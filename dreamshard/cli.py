@@ -301,13 +301,14 @@ def push(
     model with its model card. Token: `hf auth login` or HF_TOKEN. Details: docs/cli.md."""
     from dataclasses import asdict
 
+    from dreamshard.tools.push import is_local_target
     from dreamshard.tools.push import push as run_push
 
     report = run_push(source, repo, dry_run=dry_run, private=private, revision=revision)
     if as_json:
         print_json(asdict(report))
         return
-    verb = "would upload" if dry_run else ("copied" if not report.url.startswith("http") else "pushed")
+    verb = "would upload" if dry_run else ("copied" if is_local_target(repo) else "pushed")
     missing = "" if report.complete else " (the run is not complete: committed shards only; push again when it is)"
     say(f"{report.source} → {report.target}: {verb} {len(report.files)} files, {report.bytes / 2**20:.1f} MiB{missing}")
     if dry_run:
